@@ -1,0 +1,64 @@
+// Every sageLLM tensor op is declared here, once, with its schema. Device files attach
+// implementations with TORCH_LIBRARY_IMPL(sagellm, <key>, m); Python callers use sagellm.ops,
+// which also registers a fake (meta) kernel for each op so torch.compile can trace it.
+//
+// Conventions:
+//   * Ops write into caller-provided outputs marked (a!) and return nothing, so the engine can
+//     reuse static buffers (CUDA graphs) and torch.compile knows exactly what is mutated.
+//   * Paged KV cache, per layer: key_cache and value_cache are each
+//     [num_blocks, block_size, num_kv_heads, head_size] ("NHD"; the two halves of one
+//     [2, num_blocks, block_size, num_kv_heads, head_size] tensor).
+//   * Step metadata: block_tables int32 [num_seqs, max_blocks_per_seq], seq_lens int32 [num_seqs]
+//     (tokens in the cache after this step), query_start_loc int32 [num_seqs + 1] (packed new
+//     tokens), slot_mapping int64 [num_tokens] (cache slot of each new token, -1 = skip).
+#include <torch/library.h>
+
+TORCH_LIBRARY(sagellm, m) {
+  // ---- attention (csrc/attention/) -------------------------------------------------------
+  // out, query: [num_seqs, num_heads, head_size]; one new token per sequence, already in the
+  // cache at position seq_lens[i] - 1. sliding_window = -1 disables the window (else a key is
+  // visible when q_pos - k_pos < sliding_window); soft_cap = 0 disables logit soft-capping
+  // (else s -> soft_cap * tanh(s / soft_cap)).
+  m.def(
+      "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor key_cache, "
+      "Tensor value_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+      "int sliding_window=-1, float soft_cap=0.0) -> ()");
+  // out, query: [num_tokens, num_heads, head_size], packed by query_start_loc. The new tokens
+  // of sequence i are the last (query_start_loc[i+1] - query_start_loc[i]) of its seq_lens[i]
+  // cached tokens, and attend causally to everything before them (cached prefix included), so
+  // chunked prefill and prefix-cache hits run through the same op.
+  m.def(
+      "paged_attention_prefill(Tensor(a!) out, Tensor query, Tensor key_cache, "
+      "Tensor value_cache, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
+      "float scale, int sliding_window=-1, float soft_cap=0.0) -> ()");
+
+  // ---- KV cache (csrc/kv_cache/) ---------------------------------------------------------
+  // key, value: [num_tokens, num_kv_heads, head_size] -> cache slots slot_mapping[t].
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+  // block_mapping int64 [n, 2]: copy block src -> dst in every layer's caches.
+  m.def(
+      "copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
+      "Tensor block_mapping) -> ()");
+  // src, dst: one cache each ([num_blocks, ...]), possibly on different devices;
+  // block_mapping int64 [n, 2] on the CPU.
+  m.def("swap_blocks(Tensor src, Tensor(a!) dst, Tensor block_mapping) -> ()");
+
+  // ---- fused small ops (csrc/cpu/elementwise_*) --------------------------------------------
+  // input, out: [..., hidden]; weight: [hidden].
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()");
+  // residual += input; input = rms_norm(residual) * weight.
+  m.def(
+      "fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, "
+      "float epsilon) -> ()");
+  // positions int64 [num_tokens]; query [num_tokens, num_heads * head_size] (or 3-d),
+  // key [num_tokens, num_kv_heads * head_size] or None; cos_sin_cache [max_position, rot_dim]
+  // (cos in the first half, sin in the second), rot_dim <= head_size. In place.
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!)? key, int head_size, "
+      "Tensor cos_sin_cache, bool is_neox) -> ()");
+  // input [..., 2 * d] -> out [..., d] = act(input[..., :d]) * input[..., d:].
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  m.def("gelu_and_mul(Tensor(a!) out, Tensor input, str approximate='none') -> ()");
+}
