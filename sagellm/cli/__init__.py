@@ -1,0 +1,1 @@
+"""The `sage-llm` command."""

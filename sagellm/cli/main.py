@@ -1,0 +1,54 @@
+"""`sage-llm`: the command-line face of sageLLM. Each subcommand imports its code lazily, so
+`sage-llm --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args) -> int:
+    from sagellm.bench.cli import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sagellm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sage-llm",
+        description="sageLLM: LLM inference on CPUs and GPUs, with an OpenAI-compatible server.",
+    )
+    parser.add_argument("--version", action="version", version=f"sageLLM {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    from sagellm.cli import info
+
+    info.add_arguments(
+        sub.add_parser("info", help="hardware, torch build and what the native extension contains")
+    )
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: `sage-llm bench op NAME …` (see `sage-llm bench --help`)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
