@@ -1,0 +1,228 @@
+// KV-cache writes and block copies on the CPU. Pure data movement, so plain memcpy: one run of
+// num_kv_heads * head_size elements per token for reshape_and_cache (one per head when the
+// source rows are strided), one block per (cache, pair) for copy_blocks and swap_blocks. Bound by
+// memory bandwidth: bytes moved = 2 x bytes copied.
+//
+// Index tensors (slot_mapping, block_mapping) are range-checked serially before any copy, so a
+// bad index raises with its position and value and leaves the caches untouched.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace sagellm {
+namespace {
+
+// Below ~256 KiB of copying per task a thread wake-up costs more than it saves.
+constexpr int64_t kMinBytesPerTask = 1 << 18;
+
+int64_t grain_for(int64_t bytes_per_item) {
+  return std::max<int64_t>(1, kMinBytesPerTask / std::max<int64_t>(1, bytes_per_item));
+}
+
+void check_cpu(const at::Tensor& t, const char* op, const std::string& name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(),
+              "; this implementation needs CPU tensors");
+}
+
+// block_mapping int64 [n, 2] of (src, dst) block ids, on the CPU.
+void check_block_mapping(const at::Tensor& block_mapping, const char* op, int64_t src_blocks,
+                         int64_t dst_blocks) {
+  check_cpu(block_mapping, op, "block_mapping");
+  TORCH_CHECK(block_mapping.scalar_type() == at::kLong, op, ": block_mapping has dtype ",
+              block_mapping.scalar_type(), "; expected int64");
+  TORCH_CHECK(block_mapping.dim() == 2 && block_mapping.size(1) == 2, op,
+              ": block_mapping must have shape [n, 2] (src, dst), got ", block_mapping.sizes());
+  TORCH_CHECK(block_mapping.is_contiguous(), op, ": block_mapping must be contiguous");
+  const int64_t* m = block_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < block_mapping.size(0); ++i) {
+    TORCH_CHECK(m[2 * i] >= 0 && m[2 * i] < src_blocks, op, ": block_mapping[", i, ", 0] = ",
+                m[2 * i], " is out of range [0, ", src_blocks, ")");
+    TORCH_CHECK(m[2 * i + 1] >= 0 && m[2 * i + 1] < dst_blocks, op, ": block_mapping[", i,
+                ", 1] = ", m[2 * i + 1], " is out of range [0, ", dst_blocks, ")");
+  }
+}
+
+// A cache tensor [num_blocks, ...] of whole blocks laid out back to back.
+void check_block_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                        const std::string& name, const std::string& ref_name) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have a leading block dim, got a 0-d tensor");
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+int64_t block_bytes(const at::Tensor& t) {
+  int64_t elems = 1;
+  for (int64_t d = 1; d < t.dim(); ++d) elems *= t.size(d);
+  return elems * static_cast<int64_t>(t.element_size());
+}
+
+}  // namespace
+
+void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+  const char* op = "reshape_and_cache";
+  check_cpu(key, op, "key");
+  check_cpu(value, op, "value");
+  check_cpu(key_cache, op, "key_cache");
+  check_cpu(value_cache, op, "value_cache");
+  check_cpu(slot_mapping, op, "slot_mapping");
+  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_size], got ",
+              key.sizes());
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value has shape ", value.sizes(),
+              " but key has shape ", key.sizes());
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be [num_blocks, block_size, num_kv_heads, head_size], got ",
+              key_cache.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache has shape ",
+              value_cache.sizes(), " but key_cache has shape ", key_cache.sizes());
+  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2), op,
+              ": key has [num_kv_heads, head_size] = ", key.sizes().slice(1),
+              " but key_cache has ", key_cache.sizes().slice(2));
+  auto check_dtype = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == key.scalar_type(), op, ": ", name, " has dtype ",
+                t.scalar_type(), " but key has dtype ", key.scalar_type());
+  };
+  check_dtype(value, "value");
+  check_dtype(key_cache, "key_cache");
+  check_dtype(value_cache, "value_cache");
+  TORCH_CHECK(key_cache.is_contiguous(), op, ": key_cache must be contiguous");
+  TORCH_CHECK(value_cache.is_contiguous(), op, ": value_cache must be contiguous");
+  TORCH_CHECK(key.size(2) <= 1 || key.stride(2) == 1, op,
+              ": key must be contiguous in head_size, got strides ", key.strides());
+  TORCH_CHECK(value.size(2) <= 1 || value.stride(2) == 1, op,
+              ": value must be contiguous in head_size, got strides ", value.strides());
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping has dtype ",
+              slot_mapping.scalar_type(), "; expected int64");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), op,
+              ": slot_mapping has shape ", slot_mapping.sizes(), "; expected [", key.size(0),
+              "] (num_tokens)");
+  TORCH_CHECK(slot_mapping.is_contiguous(), op, ": slot_mapping must be contiguous");
+
+  const int64_t num_tokens = key.size(0);
+  const int64_t heads = key.size(1), head_size = key.size(2);
+  const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    TORCH_CHECK(slots[i] == -1 || (slots[i] >= 0 && slots[i] < num_slots), op, ": slot_mapping[",
+                i, "] = ", slots[i], " is out of range [0, ", num_slots,
+                ") (num_blocks * block_size; -1 skips a token)");
+  }
+  if (num_tokens == 0 || heads * head_size == 0) return;
+
+  const int64_t esize = key.element_size();
+  const int64_t row_bytes = heads * head_size * esize;
+  auto* kc = static_cast<char*>(key_cache.data_ptr());
+  auto* vc = static_cast<char*>(value_cache.data_ptr());
+  const auto* k = static_cast<const char*>(key.data_ptr());
+  const auto* v = static_cast<const char*>(value.data_ptr());
+  // Source rows of a token: one run when its heads are back to back, else one per head.
+  auto copy_token = [&](char* dst, const char* src, int64_t head_stride) {
+    if (heads == 1 || head_stride == head_size) {
+      std::memcpy(dst, src, row_bytes);
+    } else {
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(dst + h * head_size * esize, src + h * head_stride * esize, head_size * esize);
+      }
+    }
+  };
+  at::parallel_for(0, num_tokens, grain_for(2 * row_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slots[t] < 0) continue;
+      copy_token(kc + slots[t] * row_bytes, k + t * key.stride(0) * esize, key.stride(1));
+      copy_token(vc + slots[t] * row_bytes, v + t * value.stride(0) * esize, value.stride(1));
+    }
+  });
+}
+
+void copy_blocks_cpu(const std::vector<at::Tensor>& key_caches,
+                     const std::vector<at::Tensor>& value_caches,
+                     const at::Tensor& block_mapping) {
+  const char* op = "copy_blocks";
+  TORCH_CHECK(key_caches.size() == value_caches.size(), op, ": ", key_caches.size(),
+              " key_caches but ", value_caches.size(),
+              " value_caches; expected one of each per layer");
+  if (key_caches.empty()) {
+    check_block_mapping(block_mapping, op, 0, 0);
+    return;
+  }
+  const at::Tensor& ref = key_caches[0];
+  std::vector<at::Tensor> caches;  // every layer's key cache, then every layer's value cache
+  for (const auto* list : {&key_caches, &value_caches}) {
+    const std::string list_name = list == &key_caches ? "key_caches" : "value_caches";
+    for (size_t i = 0; i < list->size(); ++i) {
+      const at::Tensor& t = (*list)[i];
+      const std::string name = list_name + "[" + std::to_string(i) + "]";
+      check_block_tensor(t, ref, op, name, "key_caches[0]");
+      TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(),
+                  " but key_caches[0] has shape ", ref.sizes());
+      caches.push_back(t);
+    }
+  }
+  const int64_t num_blocks = ref.size(0);
+  check_block_mapping(block_mapping, op, num_blocks, num_blocks);
+  const int64_t n = block_mapping.size(0);
+  const int64_t bytes = block_bytes(ref);
+  if (n == 0 || bytes == 0) return;
+  const int64_t* m = block_mapping.data_ptr<int64_t>();
+  // Within one cache the pairs run in order, so a mapping whose dst is a later pair's src has
+  // one defined result; the caches themselves are independent and run in parallel.
+  at::parallel_for(0, static_cast<int64_t>(caches.size()), grain_for(2 * n * bytes),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t c = begin; c < end; ++c) {
+                       auto* base = static_cast<char*>(caches[c].data_ptr());
+                       for (int64_t i = 0; i < n; ++i) {
+                         if (m[2 * i] == m[2 * i + 1]) continue;
+                         std::memcpy(base + m[2 * i + 1] * bytes, base + m[2 * i] * bytes, bytes);
+                       }
+                     }
+                   });
+}
+
+// Host<->host here; a CUDA implementation registered for the CUDA key takes the mixed-device
+// cases (the dispatcher picks it when either cache is on the GPU) with cudaMemcpyAsync per block
+// and the same checks.
+void swap_blocks_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
+  const char* op = "swap_blocks";
+  check_block_tensor(src, src, op, "src", "src");
+  check_block_tensor(dst, src, op, "dst", "src");
+  TORCH_CHECK(src.sizes().slice(1) == dst.sizes().slice(1), op, ": src has block shape ",
+              src.sizes().slice(1), " but dst has ", dst.sizes().slice(1));
+  check_block_mapping(block_mapping, op, src.size(0), dst.size(0));
+  const int64_t n = block_mapping.size(0);
+  const int64_t bytes = block_bytes(src);
+  if (n == 0 || bytes == 0) return;
+  const int64_t* m = block_mapping.data_ptr<int64_t>();
+  const auto* s = static_cast<const char*>(src.data_ptr());
+  auto* d = static_cast<char*>(dst.data_ptr());
+  if (src.is_alias_of(dst)) {
+    // Same storage: in order, so chained pairs have one defined result.
+    for (int64_t i = 0; i < n; ++i) {
+      if (s + m[2 * i] * bytes != d + m[2 * i + 1] * bytes) {
+        std::memmove(d + m[2 * i + 1] * bytes, s + m[2 * i] * bytes, bytes);
+      }
+    }
+    return;
+  }
+  at::parallel_for(0, n, grain_for(2 * bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(d + m[2 * i + 1] * bytes, s + m[2 * i] * bytes, bytes);
+    }
+  });
+}
+
+}  // namespace sagellm
+
+TORCH_LIBRARY_IMPL(sagellm, CPU, m) {
+  m.impl("reshape_and_cache", &sagellm::reshape_and_cache_cpu);
+  m.impl("copy_blocks", &sagellm::copy_blocks_cpu);
+  m.impl("swap_blocks", &sagellm::swap_blocks_cpu);
+}
