@@ -7,12 +7,6 @@ import argparse
 import sys
 
 
-def _bench(args) -> int:
-    from sagellm.bench.cli import main as bench_main
-
-    return bench_main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from sagellm import __version__
 
@@ -23,18 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sageLLM {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from sagellm.cli import info
+    from sagellm.cli import info, run
 
     info.add_arguments(
         sub.add_parser("info", help="hardware, torch build and what the native extension contains")
     )
-    bench = sub.add_parser(
-        "bench",
-        help="benchmarks: `sage-llm bench op NAME …` (see `sage-llm bench --help`)",
-        add_help=False,
-    )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(func=_bench)
+    run.add_arguments(sub.add_parser("run", help="answer one prompt in process (no server)"))
+    from sagellm.bench import cli as bench_cli
+
+    bench_cli.add_arguments(sub.add_parser("bench", help="benchmarks: `sage-llm bench op NAME …`"))
     return parser
 
 

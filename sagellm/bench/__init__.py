@@ -1,0 +1,1 @@
+"""Benchmarks of sageLLM: `op` times kernels against their references (sagellm.bench.cli)."""
