@@ -1,0 +1,130 @@
+"""What every model definition shares: the forward contract, weight loading by Hugging Face
+names, and the KV cache shape it needs.
+
+Forward contract (one engine step, a packed batch without padding):
+    hidden = model(input_ids [T] int64, positions [T] int64, kv_caches: list per layer of
+                   [2, num_blocks, block_size, num_kv_heads, head_size], meta: AttentionMetadata)
+    logits = model.compute_logits(hidden[rows])          # [rows, vocab], fp32
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sagellm.models.config import ModelConfig
+from sagellm.models.errors import CorruptCheckpointError
+from sagellm.models.layers.linear import Linear
+from sagellm.models.layers.norm import RMSNorm
+
+
+class CausalLM(nn.Module):
+    # (pattern, replacement, shard): checkpoint names whose weights land in a fused layer.
+    fused_names: list[tuple[str, str, str]] = []
+    # Checkpoint names that carry nothing we need (rotary caches, attention-mask buffers).
+    ignored_names: list[str] = [r"rotary_emb\.inv_freq$", r"\.attn\.(masked_)?bias$"]
+    # Checkpoint Conv1D weights stored [in, out] (GPT-2): transposed at load.
+    transposed_names: list[str] = []
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+
+    # -- shapes ----------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.config.head_size
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_size)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        el = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_size * el
+
+    # -- weights ---------------------------------------------------------------------------
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.tie_word_embeddings)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load checkpoint tensors by their Hugging Face names; every parameter must be set."""
+        modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        fused = [(re.compile(p), r, s) for p, r, s in self.fused_names]
+        ignored = [re.compile(p) for p in self.ignored_names]
+        transposed = [re.compile(p) for p in self.transposed_names]
+        for name, tensor in weights:
+            if any(p.search(name) for p in ignored):
+                continue
+            if name == "lm_head.weight" and self.tied_embeddings():
+                continue
+            if any(p.search(name) for p in transposed):
+                tensor = tensor.t()
+            target, shard = name, None
+            for pattern, repl, s in fused:
+                if pattern.search(name):
+                    target, shard = pattern.sub(repl, name), s
+                    break
+            mod_name, _, leaf = target.rpartition(".")
+            module = modules.get(mod_name)
+            if isinstance(module, Linear) and leaf in ("weight", "bias"):
+                (module.load_weight if leaf == "weight" else module.load_bias)(tensor, shard)
+                loaded.add(f"{mod_name}.{leaf}" + (f"[{shard}]" if shard else ""))
+            elif isinstance(module, RMSNorm) and leaf == "weight":
+                module.load_weight(tensor)
+                loaded.add(target)
+            elif target in params:
+                p = params[target]
+                if p.shape != tensor.shape:
+                    raise CorruptCheckpointError(
+                        f"{name}: shape {tuple(tensor.shape)} does not match the model's {tuple(p.shape)}"
+                    )
+                p.data.copy_(tensor)
+                loaded.add(target)
+            else:
+                raise CorruptCheckpointError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
+        missing = sorted(set(self.expected_weights()) - loaded)
+        if missing:
+            shown = ", ".join(missing[:6]) + (
+                f" and {len(missing) - 6} more" if len(missing) > 6 else ""
+            )
+            raise CorruptCheckpointError(f"checkpoint is missing weights: {shown}")
+
+    def expected_weights(self) -> list[str]:
+        """Every weight a checkpoint must provide, in the names load_weights records."""
+        names: list[str] = []
+        owned: set[str] = set()
+        for mod_name, module in self.named_modules():
+            if isinstance(module, Linear):
+                for s in list(module._shards) or [None]:
+                    suffix = f"[{s}]" if s else ""
+                    names.append(f"{mod_name}.weight{suffix}")
+                    if module.bias is not None:
+                        names.append(f"{mod_name}.bias{suffix}")
+                owned.update(f"{mod_name}.{n}" for n, _ in module.named_parameters(recurse=False))
+            elif isinstance(module, RMSNorm):
+                names.append(f"{mod_name}.weight")
+                owned.add(f"{mod_name}.weight")
+        names += [n for n, _ in self.named_parameters() if n not in owned]
+        return names
+
+    # -- compute ---------------------------------------------------------------------------
+    def forward(self, input_ids, positions, kv_caches, meta):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,131 @@
+"""Gemma 3 (text): interleaved sliding-window and global layers, q/k norm, MQA, head size 256,
+scaled embeddings, GeGLU, four norms per layer, norm weights stored as offsets from 1."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sagellm.models.base import CausalLM
+from sagellm.models.config import ModelConfig
+from sagellm.models.layers.attention import PagedAttention
+from sagellm.models.layers.linear import Linear, empty_embedding
+from sagellm.models.layers.norm import RMSNorm
+from sagellm.models.layers.rotary import RotaryEmbedding
+from sagellm.models.llama import GatedMLP
+
+
+def is_sliding(cfg: ModelConfig, i: int) -> bool:
+    return cfg.layer_types[i] == "sliding_attention"
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+        super().__init__()
+        h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        kw = dict(dtype=dtype, device=device)
+        self.sizes, self.head_size = [h * d, kh * d, kh * d], d
+        self.qkv_proj = Linear(
+            cfg.hidden_size,
+            shards=[("q", h * d), ("k", kh * d), ("v", kh * d)],
+            bias=cfg.attention_bias,
+            name=f"layers.{i}.qkv_proj",
+            **kw,
+        )
+        self.o_proj = Linear(
+            h * d, cfg.hidden_size, bias=cfg.attention_out_bias, name=f"layers.{i}.o_proj", **kw
+        )
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
+        sliding = is_sliding(cfg, i)
+        if sliding:
+            base, scaling = cfg.rope_local_theta or 10000.0, None
+        else:
+            base, scaling = cfg.rope_theta, cfg.rope_scaling
+        self.rotary = RotaryEmbedding(d, d, cfg.max_position, base, scaling, device=device)
+        self.attn = PagedAttention(
+            h,
+            kh,
+            d,
+            (cfg.query_pre_attn_scalar or d) ** -0.5,
+            sliding_window=cfg.sliding_window if sliding else None,
+            soft_cap=cfg.attn_logit_softcapping,
+        )
+
+    def forward(self, positions, x, kv_cache, meta):
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        d = self.head_size
+        q = self.q_norm(q.reshape(-1, d)).view(-1, self.sizes[0])
+        k = self.k_norm(k.reshape(-1, d)).view(-1, self.sizes[1])
+        self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+        super().__init__()
+        kw = dict(dtype=dtype, device=device, offset=1.0)
+        self.self_attn = Gemma3Attention(cfg, i, dtype, device)
+        self.mlp = GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, False, i, dtype, device
+        )
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+    def forward(self, positions, x, kv_cache, meta):
+        h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype, device):
+        super().__init__()
+        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        # HF multiplies by sqrt(hidden) rounded to the model dtype.
+        self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype).item()
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device, offset=1.0
+        )
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, cache, meta)
+        return self.norm(x)
+
+
+class Gemma3ForCausalLM(CausalLM):
+    fused_names = [
+        (r"\.self_attn\.q_proj\.", ".self_attn.qkv_proj.", "q"),
+        (r"\.self_attn\.k_proj\.", ".self_attn.qkv_proj.", "k"),
+        (r"\.self_attn\.v_proj\.", ".self_attn.qkv_proj.", "v"),
+        (r"\.mlp\.gate_proj\.", ".mlp.gate_up_proj.", "gate"),
+        (r"\.mlp\.up_proj\.", ".mlp.gate_up_proj.", "up"),
+    ]
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device="cpu"):
+        super().__init__(config, dtype, device)
+        self.model = Gemma3Model(config, dtype, device)
+        if not self.tied_embeddings():
+            self.lm_head = Linear(
+                config.hidden_size, config.vocab_size, dtype=dtype, device=device, name="lm_head"
+            )
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight if self.tied_embeddings() else self.lm_head.weight
+        logits = F.linear(hidden, w).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
