@@ -1,0 +1,89 @@
+"""Engine configuration: every default in one place, validated at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    """How one engine runs one model.
+
+    model: a local directory or .gguf file, a Hugging Face id (from the local cache, or the Hub
+        when online), or None for the built-in default (SmolLM2-135M-Instruct, GGUF).
+    dtype: auto | float32 | bfloat16 | float16. auto: float32 on the CPU for GGUF and fp16
+        checkpoints, the checkpoint's own dtype otherwise; bfloat16 on CUDA.
+    kv_cache_memory_gb: KV cache size; None sizes it from free memory (CPU: a quarter of the
+        available RAM, at most 4 GiB; CUDA: kv_cache_fraction of what the weights leave free).
+    max_num_batched_tokens: the per-step token budget (chunked prefill splits longer prompts).
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory_gb: float | None = None
+    kv_cache_fraction: float = 0.85
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    revision: str | None = None
+    load_progress: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value, allowed: str) -> ValueError:
+            return ValueError(f"{field} = {value!r} is invalid: expected {allowed}")
+
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise bad("dtype", self.dtype, "auto, float32, bfloat16 or float16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise bad("device", self.device, "auto, cpu, cuda or cuda:N")
+        if self.block_size < 1 or self.block_size > 1024:
+            raise bad("block_size", self.block_size, "1..1024")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise bad("max_model_len", self.max_model_len, "a positive integer")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise bad("kv_cache_memory_gb", self.kv_cache_memory_gb, "> 0")
+        if not 0 < self.kv_cache_fraction <= 1:
+            raise bad("kv_cache_fraction", self.kv_cache_fraction, "in (0, 1]")
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", self.max_num_seqs, ">= 1")
+        if self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise bad("num_threads", self.num_threads, ">= 1")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device = 'cuda' but no CUDA device is available")
+        return dev
+
+    def resolved_dtype(
+        self, checkpoint_dtype: torch.dtype | None, fmt: str, device: torch.device
+    ) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cuda":
+            return torch.float16 if checkpoint_dtype == torch.float16 else torch.bfloat16
+        if fmt == "gguf" or checkpoint_dtype in (None, torch.float16):
+            return torch.float32
+        return checkpoint_dtype

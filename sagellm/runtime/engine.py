@@ -1,0 +1,328 @@
+"""The engine: requests in, tokens and text out, one scheduled step at a time.
+
+    engine = LLMEngine(EngineConfig(model="path/or/id"))
+    engine.add_request("Hello", SamplingParams(max_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+or `engine.generate(prompts, params)` for an offline batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from sagellm.models.checkpoint import load_checkpoint
+from sagellm.models.registry import build_model
+from sagellm.runtime.block_manager import BlockManager
+from sagellm.runtime.config import DTYPES, EngineConfig
+from sagellm.runtime.detokenizer import IncrementalDetokenizer
+from sagellm.runtime.errors import ContextLengthExceeded, KVBudgetImpossible, RequestError
+from sagellm.runtime.metrics import EngineCounters, peak_memory_mb, request_metrics
+from sagellm.runtime.model_runner import ModelRunner
+from sagellm.runtime.outputs import RequestOutput, TokenLogprob
+from sagellm.runtime.params import SamplingParams
+from sagellm.runtime.sampler import make_generators
+from sagellm.runtime.scheduler import Scheduler
+from sagellm.runtime.sequence import Sequence, SequenceStatus
+from sagellm.runtime.stop import StopChecker
+
+_CPU_KV_CAP_BYTES = 4 * 2**30
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        self.config = config = config or EngineConfig(**overrides)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.resolved_device()
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(
+            config.model,
+            dtype=lambda cfg, fmt: config.resolved_dtype(
+                DTYPES.get(cfg.torch_dtype), fmt, self.device
+            ),
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            progress=config.load_progress,
+        )
+        self.model_config, self.tokenizer = ckpt.config, ckpt.tokenizer
+        self.source, self.format, self.dtype = ckpt.source, ckpt.format, ckpt.dtype
+        self.model = build_model(ckpt.config, self.dtype, self.device)
+        self.model.load_weights(ckpt.weights.items())
+        del ckpt  # the dequantized copies are in the model now
+        self.load_time_s = time.perf_counter() - t0
+
+        max_pos = self.model_config.max_position
+        self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+        bs = config.block_size
+        num_blocks = self._num_blocks()
+        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+        self.counters = EngineCounters()
+        self._requests: dict[str, list[Sequence]] = {}
+        self._ids = itertools.count()
+        self._kv_bytes_per_token = self.model.kv_bytes_per_token()
+
+    # -- sizing ------------------------------------------------------------------------------
+    def _num_blocks(self) -> int:
+        cfg = self.config
+        per_block = self.model.kv_bytes_per_token() * cfg.block_size
+        if cfg.kv_cache_memory_gb is not None:
+            budget = int(cfg.kv_cache_memory_gb * 2**30)
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.kv_cache_fraction)
+        else:
+            budget = min(_available_ram() // 4, _CPU_KV_CAP_BYTES)
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        # More than every sequence at full length can never be used.
+        num_blocks = min(budget // per_block, blocks_per_seq * cfg.max_num_seqs + 1)
+        if num_blocks < 2:
+            raise ValueError(
+                f"a KV cache of {budget / 2**20:.1f} MiB holds {budget // per_block} blocks of "
+                f"{cfg.block_size} tokens ({per_block} bytes each); at least 2 are needed"
+            )
+        return int(num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.block_manager.num_blocks * self.config.block_size
+
+    # -- requests ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise RequestError(f"prompt[{i}] = {t!r} is not a token id in [0, {vocab})")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        arrival: float | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises RequestError (with a protocol code)."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        ids = self.encode_prompt(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"{total} tokens exceed the model's limit of {self.max_model_len}"
+            )
+        usable = (
+            self.block_manager.num_blocks - self.block_manager.watermark
+        ) * self.config.block_size
+        if total > usable:
+            raise KVBudgetImpossible(
+                f"the request needs up to {total} KV cache tokens but the cache holds {usable}"
+            )
+        gens = make_generators(params.seed, params.n, self.device)
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(
+                request_id, i, ids, params, arrival=arrival, priority=priority, generator=gens[i]
+            )
+            seq.detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seq.stop = (
+                StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None
+            )
+            seqs.append(seq)
+        self._requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.counters.requests_added += 1
+        self.counters.prompt_tokens += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request now and free its blocks; returns its final outputs (reason 'abort')."""
+        seqs = self._requests.get(request_id)
+        if not seqs:
+            return []
+        outs = []
+        for seq in seqs:
+            if not seq.is_finished:
+                outs.append(self._finish(seq, "abort", delta="", new_ids=[]))
+        self.counters.requests_aborted += 1
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self.counters.preemptions = self.scheduler.num_preemptions
+        if not batch.seqs:
+            return []
+        samplers, out = self.runner.execute(batch)
+        now = time.monotonic()
+        self.counters.steps += 1
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+        if out is None:
+            return []
+        tokens = out.token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        tops = None
+        if out.top_logprobs is not None:
+            tops = (out.top_logprobs[0].tolist(), out.top_logprobs[1].tolist())
+        results = []
+        for i, seq in enumerate(samplers):
+            lp = None
+            if seq.params.logprobs is not None and lps is not None:
+                k = seq.params.logprobs
+                top = list(zip(tops[1][i][:k], tops[0][i][:k])) if tops and k else []
+                lp = [TokenLogprob(tokens[i], lps[i], top)]
+            results.append(self._append_token(seq, tokens[i], now, lp))
+        return results
+
+    def _append_token(self, seq: Sequence, token: int, now: float, lp) -> RequestOutput:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.times.token_times.append(now)
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        self.counters.generated_tokens += 1
+        finish, delta = None, ""
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            finish = "stop"
+        else:
+            delta = seq.detok.add_tokens([token])
+            seq.text += delta
+        safe = len(seq.text)
+        if finish is None and seq.stop is not None and delta:
+            m = seq.stop.check(seq.text, len(delta))
+            if m.stopped:
+                seq.text = seq.text[: m.end]
+                finish = "stop"
+            safe = m.safe_len if not m.stopped else m.end
+        stopped_by_string = finish == "stop" and seq.stop is not None and bool(delta)
+        if finish is None and (
+            seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            finish = "length"
+        if finish is not None:
+            if not stopped_by_string:
+                seq.text += seq.detok.flush()  # bytes that never completed a character
+            safe = len(seq.text)
+        emit = seq.text[seq.emitted_chars : safe]
+        seq.emitted_chars = max(seq.emitted_chars, safe)
+        if finish is not None:
+            return self._finish(seq, finish, delta=emit, new_ids=[token], logprobs=lp)
+        return RequestOutput(
+            seq.request_id,
+            seq.index,
+            emit,
+            [token],
+            seq.text,
+            seq.output_token_ids,
+            seq.num_prompt_tokens,
+            logprobs=lp,
+        )
+
+    def _finish(
+        self, seq: Sequence, reason: str, *, delta: str, new_ids: list[int], logprobs=None
+    ) -> RequestOutput:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.times.finished = time.monotonic()
+        if reason == "abort":
+            delta = seq.text[seq.emitted_chars :]
+            seq.emitted_chars = len(seq.text)
+        metrics = request_metrics(
+            seq, self.config.block_size, self._kv_bytes_per_token, self.device
+        )
+        seqs = self._requests.get(seq.request_id, [])
+        if all(s.is_finished for s in seqs):
+            self._requests.pop(seq.request_id, None)
+            if reason != "abort":
+                self.counters.requests_finished += 1
+        return RequestOutput(
+            seq.request_id,
+            seq.index,
+            delta,
+            new_ids,
+            seq.text,
+            seq.output_token_ids,
+            seq.num_prompt_tokens,
+            finished=True,
+            finish_reason=reason,
+            metrics=metrics,
+            logprobs=logprobs,
+        )
+
+    # -- offline batches ---------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: Seq[str | Seq[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch to completion; one final output per prompt (per choice when n > 1)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        final: dict[tuple[str, int], RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[(o.request_id, o.index)] = o
+        return [final[(rid, i)] for rid, sp in zip(rids, params) for i in range(sp.n)]
+
+    # -- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_cached": bm.allocator.num_cached,
+            "kv_usage": bm.usage(),
+            "kv_capacity_tokens": self.kv_capacity_tokens,
+            "prefix_hit_rate": bm.prefix_hit_rate(),
+            "peak_mem_mb": peak_memory_mb(self.device),
+            **vars(self.counters),
+        }
