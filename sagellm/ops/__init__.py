@@ -31,3 +31,19 @@ def cpu_isa() -> str:
 def set_cpu_isa(name: str) -> None:
     """Force the CPU kernels onto one ISA; ValueError if the CPU or the build lacks it."""
     _C.set_cpu_isa(name)
+
+
+# Importing the families registers every op's fake kernel, so torch.compile can trace any op
+# as soon as sagellm.ops is imported.
+from sagellm.ops import activation, attention, cache, norm, rotary  # noqa: E402
+
+__all__ = [
+    "activation",
+    "attention",
+    "build_info",
+    "cache",
+    "cpu_isa",
+    "norm",
+    "rotary",
+    "set_cpu_isa",
+]

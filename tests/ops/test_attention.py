@@ -1,0 +1,399 @@
+"""Paged attention (decode and prefill) against the fp64 reference, and its input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sagellm.ops import attention as ops
+from sagellm.ops.reference import attention as ref
+from tests.ops.tolerances import DTYPES, poisoned, tol
+
+HEAD_SIZES = [64, 80, 96, 128, 256]
+# (num_heads, num_kv_heads): MHA, GQA 4, GQA 7, MQA.
+GQA = [(4, 4), (8, 2), (14, 2), (4, 1)]
+
+
+def make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, spare_blocks=3):
+    """Random K/V caches and a block table of shuffled block ids; unused entries hold garbage."""
+    used = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(used) + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_size)
+    key_cache = torch.randn(shape).to(dtype)
+    value_cache = torch.randn(shape).to(dtype)
+    ids = torch.randperm(num_blocks, dtype=torch.int32)
+    max_blocks = max(used) + 2
+    block_tables = torch.randint(-(2**30), 2**30, (len(seq_lens), max_blocks), dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(used):
+        block_tables[i, :n] = ids[start : start + n]
+        start += n
+    return key_cache, value_cache, block_tables, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def query_start_loc(q_lens):
+    return torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def check_decode(seq_lens, heads, head_size, block_size, dtype, **kw):
+    num_heads, num_kv_heads = heads
+    kc, vc, bt, sl = make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype)
+    query = torch.randn(len(seq_lens), num_heads, head_size).to(dtype)
+    out = poisoned(*query.shape, dtype=dtype)
+    scale = head_size**-0.5
+    got = ops.paged_attention_decode(query, kc, vc, bt, sl, scale, out=out, **kw)
+    assert got is out
+    want = ref.paged_attention_decode(query, kc, vc, bt, sl, scale, **kw)
+    torch.testing.assert_close(out, want, **tol(dtype))
+
+
+def check_prefill(seq_lens, q_lens, heads, head_size, block_size, dtype, **kw):
+    num_heads, num_kv_heads = heads
+    kc, vc, bt, sl = make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype)
+    qsl = query_start_loc(q_lens)
+    query = torch.randn(sum(q_lens), num_heads, head_size).to(dtype)
+    out = poisoned(*query.shape, dtype=dtype)
+    scale = head_size**-0.5
+    ops.paged_attention_prefill(query, kc, vc, bt, sl, qsl, scale, out=out, **kw)
+    want = ref.paged_attention_prefill(query, kc, vc, bt, sl, qsl, scale, **kw)
+    torch.testing.assert_close(out, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode(dtype, head_size, heads, seeded):
+    block_size = {64: 16, 80: 5, 96: 32, 128: 16, 256: 32}[head_size]
+    check_decode([1, 37, 290, 16, 517], heads, head_size, block_size, dtype)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_block_sizes(dtype, block_size, seeded):
+    check_decode([3, 64, 100, 33], (8, 2), 128, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_long_ragged(dtype, seeded):
+    check_decode([1, 4000, 2333, 17, 600], (2, 1), 64, 16, dtype)
+
+
+# Few (sequence, kv head) pairs for the threads: the context is split into parts that a merge
+# pass combines; short sequences of the batch leave some of their parts empty.
+@pytest.mark.parametrize("seq_lens", [[600], [3001], [1, 3000, 700]])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_split_context(dtype, seq_lens, seeded):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the split depends on the thread count; make it happen everywhere
+    try:
+        check_decode(seq_lens, (7, 1), 128, 16, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# More query heads per KV head than one tile holds (32 rows): the group is split over tiles.
+@pytest.mark.parametrize("heads", [(40, 1), (96, 2)])
+def test_large_gqa_groups(heads, seeded):
+    check_decode([1, 70, 300], heads, 64, 16, torch.float32)
+    check_prefill([1, 70, 300], [1, 3, 20], heads, 64, 16, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap", "seq_lens"),
+    [
+        (1, None, [1, 50, 300]),
+        (37, None, [1, 36, 37, 38, 500]),
+        (None, 5.0, [1, 80, 700]),
+        (100, 30.0, [2, 99, 3000]),
+        (1000, 1.0, [3001]),  # split context with a window
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_window_and_soft_cap(dtype, sliding_window, soft_cap, seq_lens, seeded):
+    check_decode(seq_lens, (6, 2), 80, 16, dtype, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+# (seq_len, q_len): a whole prompt, a prompt after a cached prefix, a zero-length sequence,
+# a single token, a short extend of a long context.
+PREFILL_SEQS = [(40, 40), (300, 123), (17, 0), (1, 1), (700, 5)]
+
+
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill(dtype, head_size, heads, seeded):
+    block_size = {64: 32, 80: 16, 96: 5, 128: 32, 256: 16}[head_size]
+    seq_lens, q_lens = zip(*PREFILL_SEQS, strict=True)
+    check_prefill(list(seq_lens), list(q_lens), heads, head_size, block_size, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_long(dtype, seeded):
+    # A 2048-token prompt and a 512-token chunk after a 2500-token cached prefix.
+    check_prefill([2048, 3012], [2048, 512], (3, 1), 64, 16, dtype)
+
+
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap"), [(1, None), (29, None), (None, 20.0), (64, 3.0)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_window_and_soft_cap(dtype, sliding_window, soft_cap, seeded):
+    check_prefill(
+        [200, 500, 60],
+        [200, 70, 1],
+        (9, 3),
+        64,
+        16,
+        dtype,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+
+
+def test_chunked_prefill_matches_whole_prompt(seeded):
+    """The same prompt prefilled in three chunks (growing seq_lens) or in one call."""
+    dtype, heads, head_size = torch.float32, (4, 2), 96
+    total = 333
+    kc, vc, bt, _ = make_cache([total], heads[1], head_size, 16, dtype)
+    query = torch.randn(total, heads[0], head_size)
+    whole = ref.paged_attention_prefill(
+        query, kc, vc, bt, torch.tensor([total], dtype=torch.int32), query_start_loc([total]), 0.1
+    )
+    for begin, end in [(0, 100), (100, 101), (101, total)]:
+        out = ops.paged_attention_prefill(
+            query[begin:end],
+            kc,
+            vc,
+            bt,
+            torch.tensor([end], dtype=torch.int32),
+            query_start_loc([end - begin]),
+            0.1,
+        )
+        torch.testing.assert_close(out, whole[begin:end], **tol(dtype))
+
+
+def test_strided_query_and_out(seeded):
+    """query sliced out of a fused qkv tensor, every other head; out a slice of a wider buffer."""
+    dtype, num_heads, num_kv_heads, head_size = torch.bfloat16, 8, 2, 64
+    kc, vc, bt, sl = make_cache([10, 90], num_kv_heads, head_size, 16, dtype)
+    qkv = torch.randn(2, 2 * num_heads + 2 * num_kv_heads, head_size).to(dtype)
+    query = qkv[:, : 2 * num_heads : 2]
+    assert query.stride() == ((2 * num_heads + 2 * num_kv_heads) * head_size, 2 * head_size, 1)
+    wide = poisoned(2, num_heads, 3 * head_size, dtype=dtype)
+    out = wide[:, :, head_size : 2 * head_size]
+    ops.paged_attention_decode(query, kc, vc, bt, sl, 0.125, out=out)
+    want = ref.paged_attention_decode(query, kc, vc, bt, sl, 0.125)
+    torch.testing.assert_close(out, want, **tol(dtype))
+    assert wide[:, :, :head_size].isnan().all() and wide[:, :, 2 * head_size :].isnan().all()
+
+    qsl = query_start_loc([1, 2])
+    qkv = torch.randn(3, num_heads + 2 * num_kv_heads, head_size).to(dtype)
+    query = qkv[:, :num_heads]
+    out = ops.paged_attention_prefill(query, kc, vc, bt, sl, qsl, 0.125)
+    assert out.is_contiguous()
+    want = ref.paged_attention_prefill(query, kc, vc, bt, sl, qsl, 0.125)
+    torch.testing.assert_close(out, want, **tol(dtype))
+
+
+@pytest.mark.parametrize(
+    ("heads", "head_size"), [((14, 2), 80), ((4, 1), 128), ((2, 2), 256), ((32, 1), 64)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_isa(cpu_isa, dtype, heads, head_size, seeded):
+    check_decode([1, 45, 333], heads, head_size, 16, dtype, soft_cap=10.0)
+    check_decode([1300], heads, head_size, 5, dtype, sliding_window=900)
+    check_prefill([50, 260, 9], [50, 33, 0], heads, head_size, 32, dtype, sliding_window=40)
+
+
+def test_opcheck(seeded):
+    kc, vc, bt, sl = make_cache([5, 20], 2, 64, 16, torch.float32)
+    query = torch.randn(2, 4, 64)
+    out = torch.empty_like(query)
+    torch.library.opcheck(
+        torch.ops.sagellm.paged_attention_decode, (out, query, kc, vc, bt, sl, 0.125, -1, 0.0)
+    )
+    qsl = query_start_loc([5, 3])
+    query = torch.randn(8, 4, 64)
+    out = torch.empty_like(query)
+    torch.library.opcheck(
+        torch.ops.sagellm.paged_attention_prefill,
+        (out, query, kc, vc, bt, sl, qsl, 0.125, 16, 30.0),
+    )
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def _decode_args():
+    kc, vc, bt, sl = make_cache([5, 40, 17], 2, 64, 16, torch.float32)
+    query = torch.randn(3, 4, 64)
+    return dict(
+        out=torch.empty_like(query),
+        query=query,
+        key_cache=kc,
+        value_cache=vc,
+        block_tables=bt,
+        seq_lens=sl,
+        scale=0.125,
+        sliding_window=-1,
+        soft_cap=0.0,
+    )
+
+
+def _prefill_args():
+    args = _decode_args()
+    args["query"] = torch.randn(9, 4, 64)
+    args["out"] = torch.empty_like(args["query"])
+    return {**args, "query_start_loc": query_start_loc([5, 3, 1])}
+
+
+def _set(**changes):
+    return lambda a: {**a, **changes}
+
+
+def _with(name, fn):
+    return lambda a: {**a, name: fn(a[name])}
+
+
+def _set_block(seq, index, value):
+    def change(a):
+        bt = a["block_tables"].clone()
+        bt[seq, index] = value
+        return {**a, "block_tables": bt}
+
+    return change
+
+
+COMMON_BAD = [
+    (_with("query", lambda t: t.double()), "query must be float32, float16 or bfloat16"),
+    (_with("key_cache", lambda t: t.half()), "key_cache must have the dtype of query"),
+    (_with("value_cache", lambda t: t.bfloat16()), "value_cache must have the dtype of query"),
+    (_with("out", lambda t: t.half()), "out must have the dtype of query"),
+    (_with("block_tables", lambda t: t.long()), "block_tables must be int32"),
+    (_with("seq_lens", lambda t: t.long()), "seq_lens must be int32"),
+    (_with("query", lambda t: t[0]), "query must be 3-D"),
+    (_with("out", lambda t: t[:, :2]), "out must have the shape of query"),
+    (_with("key_cache", lambda t: t[0]), "key_cache must be 4-D"),
+    (_with("value_cache", lambda t: t[:, :8]), "value_cache must have the shape of key_cache"),
+    (_with("block_tables", lambda t: t[0]), "block_tables must be 2-D"),
+    (_with("seq_lens", lambda t: t[None]), "seq_lens must be 1-D"),
+    (_with("block_tables", lambda t: t[:2]), "block_tables has 2 rows but seq_lens has 3"),
+    (
+        lambda a: {
+            **a,
+            "key_cache": a["key_cache"][..., :32].contiguous(),
+            "value_cache": a["value_cache"][..., :32].contiguous(),
+        },
+        "key_cache head_size 32 does not match query head_size 64",
+    ),
+    (
+        lambda a: {
+            **a,
+            "query": torch.randn(a["query"].shape[0], 4, 72),
+            "out": torch.empty(a["query"].shape[0], 4, 72),
+            "key_cache": torch.randn(10, 16, 2, 72),
+            "value_cache": torch.randn(10, 16, 2, 72),
+        },
+        r"head_size 72 is not supported; supported: 64, 80, 96, 128, 256",
+    ),
+    (
+        lambda a: {**a, "query": a["query"][:, :3], "out": a["out"][:, :3]},
+        r"num_heads \(query.size\(1\) = 3\) must be a positive multiple of num_kv_heads",
+    ),
+    (
+        lambda a: {**a, "key_cache": a["key_cache"].transpose(0, 1).contiguous().transpose(0, 1)},
+        "key_cache must be contiguous",
+    ),
+    (
+        lambda a: {
+            **a,
+            "value_cache": a["value_cache"].transpose(0, 1).contiguous().transpose(0, 1),
+        },
+        "value_cache must be contiguous",
+    ),
+    (
+        _with("query", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)),
+        "query must have a contiguous head_size dim",
+    ),
+    (
+        _with("out", lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)),
+        "out must have a contiguous head_size dim",
+    ),
+    (_set(sliding_window=0), "sliding_window must be -1 \\(off\\) or >= 1, got 0"),
+    (_set(sliding_window=-2), "sliding_window must be -1"),
+    (_set(soft_cap=-1.0), "soft_cap must be >= 0"),
+    (_set(scale=float("nan")), "scale must be finite"),
+    (_set_block(1, 2, 9001), r"block_tables\[1, 2\] = 9001 is out of range \[0, 9\)"),
+    (_set_block(2, 0, -1), r"block_tables\[2, 0\] = -1 is out of range \[0, 9\)"),
+    (
+        _with("seq_lens", lambda t: torch.tensor([5, 40, 10**6], dtype=torch.int32)),
+        r"seq_lens\[2\] = 1000000 exceeds the block table's capacity",
+    ),
+    (
+        _with("seq_lens", lambda t: torch.tensor([5, -3, 17], dtype=torch.int32)),
+        r"seq_lens\[1\] = -3 must be >= ",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), COMMON_BAD)
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_bad_input(op, change, match):
+    if op == "decode":
+        args = change(_decode_args())
+        fn = torch.ops.sagellm.paged_attention_decode
+    else:
+        args = change(_prefill_args())
+        fn = torch.ops.sagellm.paged_attention_prefill
+    with pytest.raises(RuntimeError, match=match):
+        fn(**args)
+
+
+def _qsl(*values):
+    return _set(query_start_loc=torch.tensor(values, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (_with("query_start_loc", lambda t: t.long()), "query_start_loc must be int32"),
+        (_with("query_start_loc", lambda t: t[None]), "query_start_loc must be 1-D"),
+        (_qsl(0, 5, 9), "query_start_loc must have num_seqs \\+ 1 = 4 entries, got 3"),
+        (_qsl(1, 5, 8, 9), r"query_start_loc\[0\] must be 0, got 1"),
+        (_qsl(0, 4, 3, 9), "query_start_loc must be nondecreasing"),
+        (_qsl(0, 5, 8, 8), r"query_start_loc\[3\] = 8 must equal the number of query tokens 9"),
+        (
+            _qsl(0, 6, 8, 9),
+            r"sequence 0 has 6 new tokens \(query_start_loc\) but seq_lens\[0\] = 5",
+        ),
+    ],
+)
+def test_bad_prefill_input(change, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sagellm.paged_attention_prefill(**change(_prefill_args()))
+
+
+def test_bad_decode_input():
+    args = _decode_args()
+    with pytest.raises(RuntimeError, match="query has 2 tokens but seq_lens has 3 sequences"):
+        torch.ops.sagellm.paged_attention_decode(
+            **{**args, "query": args["query"][:2], "out": args["out"][:2]}
+        )
+    bad_len = torch.tensor([5, 0, 17], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 0 must be >= 1"):
+        torch.ops.sagellm.paged_attention_decode(**{**args, "seq_lens": bad_len})
+
+
+def test_empty_batch_and_zero_length_prefill(seeded):
+    args = _prefill_args()
+    args["query_start_loc"] = query_start_loc([5, 0, 4])
+    args["seq_lens"] = torch.tensor([5, 0, 17], dtype=torch.int32)
+    args["out"] = poisoned(*args["query"].shape, dtype=torch.float32)
+    torch.ops.sagellm.paged_attention_prefill(**args)
+    assert not args["out"].isnan().any()
+
+    empty = {**args, "query": args["query"][:0], "out": args["out"][:0]}
+    empty.update(block_tables=args["block_tables"][:0], seq_lens=args["seq_lens"][:0])
+    torch.ops.sagellm.paged_attention_prefill(**{**empty, "query_start_loc": query_start_loc([])})
+    del empty["query_start_loc"]
+    torch.ops.sagellm.paged_attention_decode(**empty)
