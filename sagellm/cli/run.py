@@ -96,7 +96,8 @@ def run(args) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a one-line reason, never a traceback
-        print(f"sage-llm run: error: {e}", file=sys.stderr)
+        reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"sage-llm run: error: {reason or type(e).__name__}", file=sys.stderr)
         return 1
     if args.no_stream:
         sys.stdout.write(final.text)

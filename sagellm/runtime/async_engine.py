@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from sagellm.runtime.engine import LLMEngine
@@ -27,10 +28,19 @@ class EngineDeadError(RuntimeError):
 
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
-        self.loop, self.queue, self.remaining = loop, asyncio.Queue(), n
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.n, self.finished = n, 0  # counted on the engine thread
 
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item) -> bool:
+        """Hand an item to the consumer's loop; False if that loop is gone (client vanished)."""
+        return self.call(self.queue.put_nowait, item)
+
+    def call(self, fn, *args) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # the event loop is closed
+            return False
 
 
 class AsyncLLMEngine:
@@ -60,23 +70,33 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, params.n)
         accepted: asyncio.Future = loop.create_future()
-        self._send(("add", prompt, params, request_id, priority, stream, accepted))
-        rid = await accepted  # raises the engine's RequestError for a bad request
-        finished = False
+        # The id is fixed here, so a consumer cancelled while waiting for acceptance can still
+        # abort its request.
+        rid = request_id if request_id is not None else f"areq-{uuid.uuid4().hex}"
+        self._send(("add", prompt, params, rid, priority, stream, accepted))
+        finished, remaining = False, params.n
         try:
+            try:
+                await accepted
+            except Exception:  # refused (RequestError): nothing was queued, nothing to abort
+                finished = True
+                raise
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
+                    finished = True  # the engine already dropped it
                     raise item
                 yield item
                 if item.finished:
-                    stream.remaining -= 1
-                    if stream.remaining == 0:
+                    remaining -= 1
+                    if remaining == 0:
                         finished = True
                         return
         finally:
             if not finished:
-                self._send(("abort", rid))
+                # Names the stream too: if the add was refused (say a duplicate id), this must
+                # not abort the other request that owns the id.
+                self._send(("abort", rid, stream))
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -107,16 +127,21 @@ class AsyncLLMEngine:
             try:
                 rid = self.engine.add_request(prompt, params, rid, priority=priority)
             except Exception as e:  # a bad request: the caller gets the error, nobody else does
-                stream.loop.call_soon_threadsafe(_set_exception, accepted, e)
+                stream.call(_set_exception, accepted, e)
                 return
             self._streams[rid] = stream
-            stream.loop.call_soon_threadsafe(_set_result, accepted, rid)
+            if not stream.call(_set_result, accepted, rid):
+                self._abort(rid)
         elif cmd[0] == "abort":
-            rid = cmd[1]
-            stream = self._streams.pop(rid, None)
-            for out in self.engine.abort(rid):
-                if stream is not None:
-                    stream.put(out)
+            rid, owner = cmd[1], cmd[2] if len(cmd) > 2 else None
+            if owner is None or self._streams.get(rid) is owner:
+                self._abort(rid)
+
+    def _abort(self, rid: str) -> None:
+        stream = self._streams.pop(rid, None)
+        for out in self.engine.abort(rid):
+            if stream is not None:
+                stream.put(out)
 
     def _loop(self) -> None:
         try:
@@ -140,17 +165,18 @@ class AsyncLLMEngine:
                     stream = self._streams.get(out.request_id)
                     if stream is None:
                         continue
-                    stream.put(out)
-                    if out.finished and all(s.is_finished for s in self._seqs_of(out.request_id)):
-                        self._streams.pop(out.request_id, None)
+                    if not stream.put(out):  # the client's loop is gone: stop its work
+                        self._abort(out.request_id)
+                        continue
+                    if out.finished:
+                        stream.finished += 1
+                        if stream.finished == stream.n:
+                            self._streams.pop(out.request_id, None)
         except BaseException as e:  # pragma: no cover - fatal
             self._dead = e
             log.exception("engine thread died")
         finally:
             self._fail_all(EngineDeadError("the engine stopped"))
-
-    def _seqs_of(self, rid: str):
-        return self.engine._requests.get(rid, [])
 
     def _fail_all(self, error: BaseException) -> None:
         for rid, stream in list(self._streams.items()):

@@ -83,7 +83,7 @@ class BlockManager:
         seq.block_ids = list(hits) + self.allocator.allocate_n(fresh)
         seq.block_hashes = list(hashes)
         seq.num_computed_tokens = cached_tokens
-        if seq.num_output_tokens == 0:
+        if seq.times.evict_count == 0:  # first admission: a recompute is not a prefix hit
             seq.num_cached_prompt_tokens = cached_tokens
             self.prompt_tokens += seq.num_prompt_tokens
             self.prompt_tokens_hit += cached_tokens

@@ -137,8 +137,13 @@ class LLMEngine:
     ) -> str:
         """Queue a request; returns its id. Raises RequestError (with a protocol code)."""
         params = params or SamplingParams()
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError(f"priority = {priority!r} is invalid: expected an integer")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+            while request_id in self._requests:  # a caller may have picked the same name
+                request_id = f"req-{next(self._ids)}"
+        elif request_id in self._requests:
             raise RequestError(f"request_id {request_id!r} is already in use")
         ids = self.encode_prompt(prompt)
         total = len(ids) + params.max_tokens
@@ -230,12 +235,14 @@ class LLMEngine:
             delta = seq.detok.add_tokens([token])
             seq.text += delta
         safe = len(seq.text)
-        if finish is None and seq.stop is not None and delta:
+        if finish is None and seq.stop is not None:
+            # Even a step that adds no text must not release text held back as a possible
+            # stop-string start.
             m = seq.stop.check(seq.text, len(delta))
             if m.stopped:
                 seq.text = seq.text[: m.end]
                 finish = "stop"
-            safe = m.safe_len if not m.stopped else m.end
+            safe = m.end if m.stopped else m.safe_len
         stopped_by_string = finish == "stop" and seq.stop is not None and bool(delta)
         if finish is None and (
             seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
@@ -295,20 +302,38 @@ class LLMEngine:
     # -- offline batches ---------------------------------------------------------------------
     def generate(
         self,
-        prompts: Seq[str | Seq[int]],
+        prompts: str | Seq[int] | Seq[str | Seq[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Run a batch to completion; one final output per prompt (per choice when n > 1)."""
+        """Run a batch to completion; one final output per prompt (per choice when n > 1),
+        carrying the logprobs of every generated token when they were asked for.
+
+        A single string (or one list of token ids) is one prompt. If any prompt is refused,
+        nothing of the batch is left queued."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
         if params is None or isinstance(params, SamplingParams):
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        rids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                rids.append(self.add_request(p, sp))
+        except Exception:
+            for rid in rids:
+                self.abort(rid)
+            raise
         final: dict[tuple[str, int], RequestOutput] = {}
+        logprobs: dict[tuple[str, int], list] = {}
         while self.has_unfinished():
             for o in self.step():
+                key = (o.request_id, o.index)
+                if o.logprobs:
+                    logprobs.setdefault(key, []).extend(o.logprobs)
                 if o.finished:
-                    final[(o.request_id, o.index)] = o
+                    o.logprobs = logprobs.pop(key, o.logprobs)
+                    final[key] = o
         return [final[(rid, i)] for rid, sp in zip(rids, params) for i in range(sp.n)]
 
     # -- introspection -----------------------------------------------------------------------

@@ -79,6 +79,10 @@ class Scheduler:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.try_grow(seq, num_new):
                 victim = self._victim()
+                if victim in out.seqs:  # already in this step's batch: take it back out
+                    i = out.seqs.index(victim)
+                    out.seqs.pop(i)
+                    budget += out.num_new_tokens.pop(i)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
