@@ -98,6 +98,14 @@ class Response(BaseModel):
     index: int = 0
 
 
+class TokenLogprob(BaseModel):
+    """The chosen token's log-probability and the top alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
+
+
 class _EventBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -116,6 +124,7 @@ class StreamDelta(_EventBase):
     event: Literal["delta"] = "delta"
     chunk: str = ""
     chunk_tokens: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per chunk token, when the request asked
 
 
 class StreamEnd(_EventBase):
