@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from sagellm import ops
-from sagellm.bench import report
+from sagellm.bench import report, throughput
 from sagellm.bench.op_cases import OPS, PARAM_FLAGS, CaseConfig, case_params, validate
 from sagellm.bench.timing import copy_bandwidth_gb_s, time_callable
 
@@ -151,10 +151,21 @@ def _add_op_command(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(bench_run=run_op, bench_parser=parser)
 
 
+def _add_throughput_command(subcommands: argparse._SubParsersAction) -> None:
+    parser = subcommands.add_parser(
+        "throughput",
+        help="offline batch tok/s of sageLLM against transformers on the same prompts",
+        description=throughput.__doc__.split("\n\n")[0],
+    )
+    throughput.add_arguments(parser)
+    parser.set_defaults(bench_run=throughput.run, throughput_parser=parser)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Install the bench subcommands on `parser` (the top-level CLI's `bench` parser)."""
     subcommands = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     _add_op_command(subcommands)
+    _add_throughput_command(subcommands)
 
 
 def run(args: argparse.Namespace) -> int:
