@@ -7,16 +7,7 @@ import os
 import platform
 import sys
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sagellm.backends.cpu import cpu_model
 
 
 def collect() -> dict:
@@ -40,12 +31,54 @@ def collect() -> dict:
             "cuda_available": torch.cuda.is_available(),
         },
         "native": ops.build_info(),
+        "backends": backends(),
+        "engines": engines(),
     }
     if torch.cuda.is_available():
         info["torch"]["gpus"] = [
             torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
         ]
     return info
+
+
+def backends() -> dict:
+    """Every hardware backend (built-in and plugin): availability, device, dtypes, memory."""
+    from sagellm import backends as registry
+
+    out = {name: b.describe() for name, b in registry.list_backends().items()}
+    for name, err in registry.plugin_errors().items():
+        out[name] = {"name": name, "available": False, "error": err}
+    for name, desc in out.items():
+        desc["plugin"] = name not in registry.BUILTIN
+    return out
+
+
+def engines() -> dict:
+    """Every engine plugin kind -> the factory it names (group sagellm.engines)."""
+    from sagellm.control_plane.engines import BUILTIN_ENGINES, engine_plugins
+
+    return {
+        kind: {"factory": target, "plugin": kind not in BUILTIN_ENGINES}
+        for kind, target in engine_plugins().items()
+    }
+
+
+def _render_backend(d: dict) -> str:
+    if d.get("error"):
+        return f"  {d['name']:<10}  failed to load: {d['error']}"
+    state = "available" if d["available"] else "not available"
+    parts = [f"  {d['name']:<10}  {state}"]
+    if d["available"]:
+        parts.append(f"device {d['device']}")
+        mem = d.get("memory")
+        if mem:
+            parts.append(
+                f"{mem['free_bytes'] / 2**30:.1f} of {mem['total_bytes'] / 2**30:.1f} GiB free"
+            )
+    parts.append(f"dtypes {', '.join(d['dtypes'])}")
+    if d.get("plugin"):
+        parts.append("plugin")
+    return " — ".join(parts)
 
 
 def render(info: dict) -> str:
@@ -67,6 +100,13 @@ def render(info: dict) -> str:
         f"  CUDA        {'sm ' + nat['cuda_arches'] if nat['cuda'] else 'not built'}",
         f"  Ascend      {'built' if nat['ascend'] else 'not built'}",
         f"  built with  torch {nat['torch_version']}",
+        "backends      (entry-point group sagellm.backends)",
+        *(_render_backend(d) for d in info["backends"].values()),
+        "engines       (entry-point group sagellm.engines)",
+        *(
+            f"  {kind:<10}  {e['factory']}{' — plugin' if e['plugin'] else ''}"
+            for kind, e in info["engines"].items()
+        ),
     ]
     return "\n".join(lines)
 

@@ -23,6 +23,41 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("info", help="hardware, torch build and what the native extension contains")
     )
     run.add_arguments(sub.add_parser("run", help="answer one prompt in process (no server)"))
+    from sagellm.cli import config_cmd, demo, install, serve
+
+    serve.add_serve_arguments(
+        sub.add_parser(
+            "serve",
+            help="OpenAI-compatible server with one engine (--engine-only: for a gateway)",
+            description="Serve a model over the OpenAI API: /v1/chat/completions, "
+            "/v1/completions, /v1/models, /health, /metrics. Settings: config file < SAGELLM_* "
+            "environment < flags (`sage-llm config show`).",
+        )
+    )
+    serve.add_gateway_arguments(
+        sub.add_parser(
+            "gateway",
+            help="OpenAI-compatible gateway routing to engine-only servers",
+            description="Route OpenAI requests to `sage-llm serve --engine-only` servers.",
+        )
+    )
+    demo.add_arguments(
+        sub.add_parser(
+            "demo",
+            help="run the year1-3 / Q1-Q8 workloads and write their metrics JSON",
+            description=demo.__doc__,
+        )
+    )
+    install.add_arguments(
+        sub.add_parser(
+            "install",
+            help="install torch for cpu/cuda/ascend/... and rebuild sageLLM against it",
+            description=install.__doc__,
+        )
+    )
+    config_cmd.add_arguments(
+        sub.add_parser("config", help="show the settings, the config path, or write a template")
+    )
     from sagellm.bench import cli as bench_cli
 
     bench_cli.add_arguments(sub.add_parser("bench", help="benchmarks: `sage-llm bench op NAME …`"))
