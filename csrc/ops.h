@@ -41,4 +41,8 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query,
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input);
 void gelu_and_mul_cpu(at::Tensor& out, const at::Tensor& input, c10::string_view approximate);
 
+// ---- linear ----------------------------------------------------------------------------------
+void dense_linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                      std::optional<at::Tensor> bias);
+
 }  // namespace sagellm

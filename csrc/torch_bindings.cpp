@@ -61,4 +61,10 @@ TORCH_LIBRARY(sagellm, m) {
   // input [..., 2 * d] -> out [..., d] = act(input[..., :d]) * input[..., d:].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor input, str approximate='none') -> ()");
+
+  // ---- linear (csrc/linear/) -------------------------------------------------------------
+  // out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]); one dtype (fp32/fp16/bf16) for
+  // all, fp32 accumulation. Built for decode-sized M (1..~16): streams the weight once.
+  m.def(
+      "dense_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
 }

@@ -4,13 +4,12 @@ scaled embeddings, GeGLU, four norms per layer, norm weights stored as offsets f
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.attention import PagedAttention
-from sagellm.models.layers.linear import Linear, empty_embedding
+from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
 from sagellm.models.llama import GatedMLP
@@ -124,7 +123,7 @@ class Gemma3ForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.model.embed_tokens.weight if self.tied_embeddings() else self.lm_head.weight
-        logits = F.linear(hidden, w).float()
+        logits = dense_matmul(hidden, w).float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

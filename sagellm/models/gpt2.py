@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.activation import activation
 from sagellm.models.layers.attention import PagedAttention
-from sagellm.models.layers.linear import Linear, empty_embedding
+from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
 from sagellm.models.layers.norm import LayerNorm
 
 
@@ -69,4 +68,4 @@ class GPT2LMHeadModel(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.transformer.wte.weight if self.tied_embeddings() else self.lm_head.weight
-        return F.linear(hidden, w).float()
+        return dense_matmul(hidden, w).float()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.activation import gated_activation
 from sagellm.models.layers.attention import AttentionMetadata, PagedAttention
-from sagellm.models.layers.linear import Linear, empty_embedding
+from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
 
@@ -139,5 +138,5 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_embeddings():
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
+            return dense_matmul(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()

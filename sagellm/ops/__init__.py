@@ -35,7 +35,7 @@ def set_cpu_isa(name: str) -> None:
 
 # Importing the families registers every op's fake kernel, so torch.compile can trace any op
 # as soon as sagellm.ops is imported.
-from sagellm.ops import activation, attention, cache, norm, rotary  # noqa: E402
+from sagellm.ops import activation, attention, cache, linear, norm, rotary  # noqa: E402
 
 __all__ = [
     "activation",
@@ -43,6 +43,7 @@ __all__ = [
     "build_info",
     "cache",
     "cpu_isa",
+    "linear",
     "norm",
     "rotary",
     "set_cpu_isa",

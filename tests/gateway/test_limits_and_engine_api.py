@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
@@ -17,34 +18,54 @@ from tests.gateway.conftest import TINY, serve, tiny_engine_config
 
 
 @pytest.fixture(scope="module")
-def engine_server(tiny_checkpoint):
+def served(tiny_checkpoint):
     manager = ControlPlaneManager(engine_configs=[tiny_engine_config(tiny_checkpoint)])
     settings = GatewaySettings(max_concurrent=1, max_queue=0, engine_routes=True, drain_timeout_s=5)
     st, url, _ = serve(manager, settings)
-    yield url
+    yield url, manager
     st.stop()
+
+
+@pytest.fixture
+def engine_server(served):
+    return served[0]
 
 
 LONG = {"model": TINY, "prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True}
 
 
-def test_full_queue_is_503_with_retry_after(engine_server):
-    # Heavy enough (8 choices x 480 tokens) that it is still generating, holding the only slot,
-    # when the second request arrives even on a busy machine; the server does not wait for the
-    # client to read the stream.
-    hold = {**LONG, "max_tokens": 480, "n": 8}
-    with httpx.Client(base_url=engine_server, timeout=60) as c:
-        with c.stream("POST", "/v1/completions", json=hold) as slow:
-            assert slow.status_code == 200
-            next(slow.iter_lines())  # admitted and generating
+def test_full_queue_is_503_with_retry_after(served):
+    url, manager = served
+    (handle,) = manager.engines()
+    engine = handle._engine  # the LLMEngine: hold its steps so the first request keeps its slot
+    gate, real_step = threading.Event(), engine.step
+
+    calls = []
+
+    def held_step():  # the first step runs (its token reaches the client), later ones wait
+        if calls:
+            gate.wait(30)
+        calls.append(1)
+        return real_step()
+
+    engine.step = held_step
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=LONG) as slow:
+                assert slow.status_code == 200
+                next(slow.iter_lines())  # admitted and generating, now stuck in a step
+                r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
+                assert r.status_code == 503
+                assert int(r.headers["Retry-After"]) >= 1
+                err = r.json()["error"]
+                assert err["code"] == "RESOURCE_EXHAUSTED" and "capacity" in err["message"]
+                gate.set()
+            # the slot is free again once the stream is closed
             r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
-            assert r.status_code == 503
-            assert int(r.headers["Retry-After"]) >= 1
-            err = r.json()["error"]
-            assert err["code"] == "RESOURCE_EXHAUSTED" and "capacity" in err["message"]
-        # the slot is free again once the stream is closed
-        r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
-        assert r.status_code == 200
+            assert r.status_code == 200
+    finally:
+        gate.set()
+        engine.step = real_step
 
 
 def test_engine_info_load_and_health(engine_server):

@@ -22,6 +22,7 @@ FAMILIES = {
     "rotary_embedding": "rotary",
     "silu_and_mul": "activation",
     "gelu_and_mul": "activation",
+    "dense_linear": "linear",
 }
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sagellm.ops import linear as linear_ops
+
 
 class WeightMethod:
     """How a Linear stores and multiplies its weight."""
@@ -29,8 +31,26 @@ class WeightMethod:
         raise NotImplementedError
 
 
+# Largest batch (rows of x) for which the native GEMV beats torch's GEMM on the CPU, per dtype
+# (benchmarks/ops/bench_linear.py: MKL's sgemv streams weights at ~10 GB/s on one core; ours
+# reaches copy bandwidth on all cores; bf16 becomes compute-bound past a few rows).
+_NATIVE_MAX_ROWS = {torch.float32: 16, torch.bfloat16: 4}
+
+
+def dense_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T + bias: the native small-batch GEMV on the CPU where it wins, else torch."""
+    rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if x.device.type == "cpu" and 0 < rows <= _NATIVE_MAX_ROWS.get(weight.dtype, 0):
+        out = linear_ops.dense_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 class DenseWeights(WeightMethod):
-    """An (out, in) tensor in the model dtype; the product is torch's GEMM (MKL/oneDNN/cuBLAS)."""
+    """An (out, in) tensor in the model dtype; small batches on the CPU use the native GEMV
+    (sagellm.ops.linear), the rest torch's GEMM (MKL/oneDNN/cuBLAS)."""
 
     name = "dense"
 
@@ -52,7 +72,7 @@ class DenseWeights(WeightMethod):
         layer.weight.data[start : start + size].copy_(weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return dense_matmul(x, layer.weight, layer.bias)
 
 
 class Linear(nn.Module):
