@@ -166,6 +166,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     subcommands = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     _add_op_command(subcommands)
     _add_throughput_command(subcommands)
+    _add_server_commands(subcommands)
+
+
+def _add_server_commands(subcommands: argparse._SubParsersAction) -> None:
+    """`serve` (open-loop load: TTFT/TBT p50/p99, throughput, errors) and `soak` (long
+    concurrent run with cancels and bad requests: lost requests, leaked blocks, memory)."""
+    from sagellm.bench import serving, soak
+
+    for name, mod, text in (
+        ("serve", serving, "open-loop serving benchmark against a server (or one it spawns)"),
+        ("soak", soak, "soak test: concurrent streams, cancels, bad requests; leaks and losses"),
+    ):
+        p = subcommands.add_parser(name, help=text, description=mod.__doc__.split("\n\n")[0])
+        mod.add_arguments(p)
+        p.set_defaults(bench_run=lambda a, run=mod.run: run(a, getattr(a, "app_factory", None)))
 
 
 def run(args: argparse.Namespace) -> int:

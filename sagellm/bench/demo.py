@@ -300,7 +300,7 @@ def build_report(target, results: dict, scale: float, context: dict, argv: list[
     total = sum(run.total_time_s for _, run in results.values())
     return {
         "protocol_version": context["versions"]["protocol"],
-        "generated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": argv,
         "scale": scale,
         "context": context,

@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ def machine_context(device: torch.device, copy_bw_gb_s: float, copy_mib: int) ->
     """Where and with what the benchmark ran; copy bandwidth is the roofline the fractions use."""
     info = ops.build_info()
     context: dict[str, Any] = {
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "sagellm_version": sagellm.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -7,6 +7,12 @@ import argparse
 import sys
 
 
+def _gateway_app(manager, api_key):
+    from sagellm.gateway import GatewaySettings, create_app
+
+    return create_app(manager, GatewaySettings(api_key=api_key, engine_routes=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sagellm import __version__
 
@@ -60,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from sagellm.bench import cli as bench_cli
 
-    bench_cli.add_arguments(sub.add_parser("bench", help="benchmarks: `sage-llm bench op NAME …`"))
+    bench = sub.add_parser("bench", help="benchmarks: `sage-llm bench op|throughput|serve|soak …`")
+    bench_cli.add_arguments(bench)
+    bench.set_defaults(app_factory=_gateway_app)  # for `bench serve|soak --spawn-model`
     return parser
 
 

@@ -82,7 +82,7 @@ class AdmissionQueue:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 

@@ -232,7 +232,7 @@ async def _unless_disconnected(http: HttpRequest, work) -> None:
 async def _acquire(state: GatewayState, deadline: float) -> float:
     try:
         return await asyncio.wait_for(state.admission.acquire(), deadline - time.monotonic())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise GatewayError(
             ErrorCode.TIMEOUT, "the request waited in the queue past its deadline"
         ) from None

@@ -61,9 +61,12 @@ async def _before(awaitable, deadline: float):
         if inspect.iscoroutine(awaitable):
             awaitable.close()
         raise GatewayError(ErrorCode.TIMEOUT, "the request deadline passed")
+    # Await in this task (not wait_for's inner task): a cancelled client must not leave the
+    # event generator running in another task while the response closes it.
     try:
-        return await asyncio.wait_for(awaitable, remaining)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + remaining):
+            return await awaitable
+    except TimeoutError:
         raise GatewayError(ErrorCode.TIMEOUT, "the request deadline passed") from None
 
 
