@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/elementwise_kernels.h"
+#include "cpu/dtype.h"
 #include "ops.h"
 
 namespace sagellm {
@@ -25,22 +26,6 @@ constexpr int64_t kMinElementsPerTask = 1 << 15;
 
 int64_t grain_for(int64_t elements_per_item) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, elements_per_item));
-}
-
-cpu::DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cpu::DType::kF32;
-    case at::kHalf:
-      return cpu::DType::kF16;
-    case at::kBFloat16:
-      return cpu::DType::kBF16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, op, ": ", name, " has dtype ", t.scalar_type(),
-              "; expected float32, float16 or bfloat16");
-  return cpu::DType::kF32;  // unreachable
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -100,7 +85,7 @@ void check_norm_args(const char* op, const at::Tensor& input, const char* input_
                      const at::Tensor& weight, double epsilon) {
   check_cpu(input, op, input_name);
   check_cpu(weight, op, "weight");
-  kernel_dtype(input, op, input_name);
+  cpu::kernel_dtype(input, op, input_name);
   check_same_dtype(weight, input, op, "weight", input_name);
   TORCH_CHECK(input.dim() >= 1, op, ": ", input_name, " must have at least 1 dim, got 0");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), op, ": weight has shape ",
@@ -122,7 +107,7 @@ cpu::GatedAct parse_gelu(c10::string_view approximate) {
 void gated_act(const char* op, at::Tensor& out, const at::Tensor& input_arg, cpu::GatedAct act) {
   check_cpu(input_arg, op, "input");
   check_cpu(out, op, "out");
-  const cpu::DType dtype = kernel_dtype(input_arg, op, "input");
+  const cpu::DType dtype = cpu::kernel_dtype(input_arg, op, "input");
   check_same_dtype(out, input_arg, op, "out", "input");
   TORCH_CHECK(input_arg.dim() >= 1, op, ": input must have at least 1 dim, got 0");
   const int64_t two_d = input_arg.size(-1);
@@ -196,7 +181,7 @@ void rms_norm_cpu(at::Tensor& out, const at::Tensor& input_arg, const at::Tensor
   if (out.numel() == 0) return;
   at::Tensor input = input_arg;
   cpu::RmsNormParams p;
-  p.dtype = kernel_dtype(input, op, "input");
+  p.dtype = cpu::kernel_dtype(input, op, "input");
   p.out = out.data_ptr();
   p.out_rows = output_rows(out, op, "out");
   p.input_rows = input_rows(input);
@@ -220,7 +205,7 @@ void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::T
               " but input has shape ", input.sizes());
   if (input.numel() == 0) return;
   cpu::FusedAddRmsNormParams p;
-  p.dtype = kernel_dtype(input, op, "input");
+  p.dtype = cpu::kernel_dtype(input, op, "input");
   p.input = input.data_ptr();
   p.input_rows = output_rows(input, op, "input");
   p.residual = residual.data_ptr();
@@ -246,7 +231,7 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query,
   TORCH_CHECK(positions.dim() == 1, op, ": positions must be 1-d [num_tokens], got shape ",
               positions.sizes());
   TORCH_CHECK(positions.is_contiguous(), op, ": positions must be contiguous");
-  const cpu::DType dtype = kernel_dtype(query, op, "query");
+  const cpu::DType dtype = cpu::kernel_dtype(query, op, "query");
   TORCH_CHECK(head_size > 0, op, ": head_size = ", head_size, " must be > 0");
   TORCH_CHECK(cos_sin_cache.dim() == 2, op, ": cos_sin_cache must be 2-d [max_position, rot_dim]",
               ", got shape ", cos_sin_cache.sizes());
@@ -264,7 +249,7 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query,
 
   cpu::RotaryParams p;
   p.dtype = dtype;
-  p.cache_dtype = kernel_dtype(cos_sin_cache, op, "cos_sin_cache");
+  p.cache_dtype = cpu::kernel_dtype(cos_sin_cache, op, "cos_sin_cache");
   head_layout(query, "query", num_tokens, head_size, &p.query_token_stride, &p.query_head_stride,
               &p.num_query_heads);
   p.query = query.data_ptr();

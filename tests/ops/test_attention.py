@@ -265,7 +265,7 @@ def _set_block(seq, index, value):
 
 
 COMMON_BAD = [
-    (_with("query", lambda t: t.double()), "query must be float32, float16 or bfloat16"),
+    (_with("query", lambda t: t.double()), "query has dtype Double; expected float32, float16 or bfloat16"),
     (_with("key_cache", lambda t: t.half()), "key_cache must have the dtype of query"),
     (_with("value_cache", lambda t: t.bfloat16()), "value_cache must have the dtype of query"),
     (_with("out", lambda t: t.half()), "out must have the dtype of query"),

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attention/cpu/attention_kernels.h"
+#include "cpu/dtype.h"
 #include "ops.h"
 
 namespace sagellm {
@@ -27,19 +28,6 @@ using cpu::PagedAttentionParams;
 // Decode never splits a context into parts shorter than this many keys.
 constexpr int64_t kMinPartKeys = 256;
 constexpr int64_t kChunkKeys = 32;  // the kernel's key chunk; parts are multiples of it
-
-cpu::DType to_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cpu::DType::kF32;
-    case at::kHalf:
-      return cpu::DType::kF16;
-    case at::kBFloat16:
-      return cpu::DType::kBF16;
-    default:
-      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
@@ -73,7 +61,7 @@ PagedAttentionParams check_and_describe(const at::Tensor& out, const at::Tensor&
               key_cache.sizes());
   TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of ",
               "key_cache ", key_cache.sizes(), ", got ", value_cache.sizes());
-  const cpu::DType dtype = to_dtype(query, "query");
+  const cpu::DType dtype = cpu::kernel_dtype(query, "paged_attention", "query");
   auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query (",
                 query.scalar_type(), "), got ", t.scalar_type());

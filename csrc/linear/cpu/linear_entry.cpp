@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "linear/cpu/linear_kernels.h"
+#include "cpu/dtype.h"
 #include "ops.h"
 
 namespace sagellm {
@@ -24,22 +25,6 @@ constexpr const char* kOp = "dense_linear";
 // (most decode GEMVs of a small model) run on the calling thread, where one core alone still
 // streams 2x faster than MKL's sgemv.
 constexpr int64_t kMinWeightBytesPerTask = 1024 * 1024;
-
-cpu::DType kernel_dtype(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cpu::DType::kF32;
-    case at::kHalf:
-      return cpu::DType::kF16;
-    case at::kBFloat16:
-      return cpu::DType::kBF16;
-    default:
-      break;
-  }
-  TORCH_CHECK(false, kOp, ": ", name, " has dtype ", t.scalar_type(),
-              "; expected float32, float16 or bfloat16");
-  return cpu::DType::kF32;  // unreachable
-}
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& input,
                   int64_t dim) {
@@ -62,7 +47,7 @@ void dense_linear_cpu(at::Tensor& out, const at::Tensor& input_arg, const at::Te
                       std::optional<at::Tensor> bias) {
   TORCH_CHECK(input_arg.device().is_cpu(), kOp, ": input is on ", input_arg.device(),
               "; this implementation needs CPU tensors");
-  const cpu::DType dtype = kernel_dtype(input_arg, "input");
+  const cpu::DType dtype = cpu::kernel_dtype(input_arg, kOp, "input");
   TORCH_CHECK(input_arg.dim() == 2, kOp, ": input must be 2-d [M, K], got shape ",
               input_arg.sizes());
   check_tensor(weight, "weight", input_arg, 2);
