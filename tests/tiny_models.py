@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def load_reference_tokenizer():
 def write_tiny_checkpoint(arch: str, folder: Path, tokenizer) -> Path:
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(hash(arch) % 2**31)
+    torch.manual_seed(zlib.crc32(arch.encode()))  # stable across processes, unlike hash()
     cfg = tiny_config(arch, len(tokenizer))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():  # norms at 1 + noise, so a Gemma-style (1 + w) offset bug shows

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -52,16 +53,22 @@ def test_full_queue_is_503_with_retry_after(served):
     try:
         with httpx.Client(base_url=url, timeout=60) as c:
             with c.stream("POST", "/v1/completions", json=LONG) as slow:
+                # Headers arrive after the first step's event: the request holds the only slot
+                # and the engine is stuck in its second step, whatever text the first produced.
                 assert slow.status_code == 200
-                next(slow.iter_lines())  # admitted and generating, now stuck in a step
                 r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
                 assert r.status_code == 503
                 assert int(r.headers["Retry-After"]) >= 1
                 err = r.json()["error"]
                 assert err["code"] == "RESOURCE_EXHAUSTED" and "capacity" in err["message"]
                 gate.set()
-            # the slot is free again once the stream is closed
-            r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
+            # the slot is free again once the server has seen the client close the stream
+            deadline = time.monotonic() + 15
+            while True:
+                r = c.post("/v1/completions", json={**LONG, "stream": False, "max_tokens": 2})
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             assert r.status_code == 200
     finally:
         gate.set()
