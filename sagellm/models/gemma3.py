@@ -6,13 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.attention import PagedAttention
-from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
+from sagellm.models.layers.linear import Linear, empty_embedding
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
-from sagellm.models.llama import GatedMLP
+from sagellm.models.llama import GatedMLP, LlamaForCausalLM
 
 
 def is_sliding(cfg: ModelConfig, i: int) -> bool:
@@ -101,30 +100,8 @@ class Gemma3Model(nn.Module):
         return self.norm(x)
 
 
-class Gemma3ForCausalLM(CausalLM):
-    fused_names = [
-        (r"\.self_attn\.q_proj\.", ".self_attn.qkv_proj.", "q"),
-        (r"\.self_attn\.k_proj\.", ".self_attn.qkv_proj.", "k"),
-        (r"\.self_attn\.v_proj\.", ".self_attn.qkv_proj.", "v"),
-        (r"\.mlp\.gate_proj\.", ".mlp.gate_up_proj.", "gate"),
-        (r"\.mlp\.up_proj\.", ".mlp.gate_up_proj.", "up"),
-    ]
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Same fused checkpoint names, LM head and (optional) final logit soft-cap as Llama; only the
+    decoder stack differs."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device="cpu"):
-        super().__init__(config, dtype, device)
-        self.model = Gemma3Model(config, dtype, device)
-        if not self.tied_embeddings():
-            self.lm_head = Linear(
-                config.hidden_size, config.vocab_size, dtype=dtype, device=device, name="lm_head"
-            )
-
-    def forward(self, input_ids, positions, kv_caches, meta):
-        return self.model(input_ids, positions, kv_caches, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens.weight if self.tied_embeddings() else self.lm_head.weight
-        logits = dense_matmul(hidden, w).float()
-        cap = self.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+    model_cls = Gemma3Model

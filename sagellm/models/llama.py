@@ -125,9 +125,11 @@ class LlamaForCausalLM(CausalLM):
         (r"\.mlp\.up_proj\.", ".mlp.gate_up_proj.", "up"),
     ]
 
+    model_cls: type[nn.Module] = LlamaModel  # the decoder stack; Gemma 3 swaps in its own
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device="cpu"):
         super().__init__(config, dtype, device)
-        self.model = LlamaModel(config, dtype, device)
+        self.model = self.model_cls(config, dtype, device)
         if not self.tied_embeddings():
             self.lm_head = Linear(
                 config.hidden_size, config.vocab_size, dtype=dtype, device=device, name="lm_head"
@@ -138,5 +140,10 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_embeddings():
-            return dense_matmul(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = dense_matmul(hidden, self.model.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
