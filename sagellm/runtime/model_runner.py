@@ -83,10 +83,12 @@ class ModelRunner:
         if not samplers:
             return [], None
         logits = self.model.compute_logits(hidden[rows])
+        # Token histories only matter to penalties: don't copy them for the other rows.
+        pen = [s.params.uses_penalties for s in samplers]
         sb = SamplingBatch.build(
             [s.params for s in samplers],
-            [s.output_token_ids for s in samplers],
-            [s.prompt_token_ids for s in samplers],
+            [s.output_token_ids if p else () for s, p in zip(samplers, pen)],
+            [s.prompt_token_ids if p else () for s, p in zip(samplers, pen)],
             [s.generator for s in samplers],
             self.device,
         )
