@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/index_checks.h"
 #include "cpu/isa.h"
 #include "kv_cache/block_allocator.h"
 
@@ -54,5 +55,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &sagellm::cpu::set_active_isa, py::arg("name"),
         "Force the CPU kernels onto one ISA (for tests and comparisons); raises ValueError if "
         "the CPU or this build lacks it.");
+  m.def("cuda_index_checks", &sagellm::cuda_index_checks_enabled,
+        "Whether CUDA ops check index values (block ids, slots, positions) on the host.");
+  m.def("set_cuda_index_checks", &sagellm::set_cuda_index_checks, py::arg("on"),
+        "Turn the host-side index-value checks of CUDA ops on or off (costs a sync per call).");
   sagellm::bind_block_allocator(m);
 }

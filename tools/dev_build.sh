@@ -14,7 +14,17 @@ cmake -S "$root" -B "$bdir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   >"$bdir.configure.log" 2>&1 || { cat "$bdir.configure.log"; exit 1; }
 cmake --build "$bdir" -j "$jobs"
 so=$(ls "$bdir"/_C*.so)
+# SAGELLM_NO_INSTALL=1: build only (e.g. a compile check against another torch, whose module
+# would not load in the checkout's torch).
+if [ -n "${SAGELLM_NO_INSTALL:-}" ]; then echo "built $so (not installed)"; exit 0; fi
 # Atomic replace: another process may be importing the old module right now.
 cp "$so" "$root/sagellm/.$(basename "$so").tmp.$$"
 mv -f "$root/sagellm/.$(basename "$so").tmp.$$" "$root/sagellm/$(basename "$so")"
+# An editable pip install (scikit-build-core's redirect mode) imports the module from
+# site-packages, not from the checkout: refresh that copy too when it exists.
+purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -f "$purelib/sagellm/$(basename "$so")" ]; then
+  cp "$so" "$purelib/sagellm/.$(basename "$so").tmp.$$"
+  mv -f "$purelib/sagellm/.$(basename "$so").tmp.$$" "$purelib/sagellm/$(basename "$so")"
+fi
 echo "built $(basename "$so")"

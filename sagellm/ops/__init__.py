@@ -33,6 +33,18 @@ def set_cpu_isa(name: str) -> None:
     _C.set_cpu_isa(name)
 
 
+def cuda_index_checks() -> bool:
+    """Whether CUDA ops check index values (block ids, seq_lens, slots, positions)."""
+    return _C.cuda_index_checks()
+
+
+def set_cuda_index_checks(on: bool) -> None:
+    """Check index values in CUDA ops too (off by default: each check copies the indices to the
+    host and synchronises; never done while a CUDA graph is being captured). Also turned on by
+    the environment variable SAGELLM_CUDA_CHECK_INDICES=1. CPU ops always check them."""
+    _C.set_cuda_index_checks(bool(on))
+
+
 # Importing the families registers every op's fake kernel, so torch.compile can trace any op
 # as soon as sagellm.ops is imported.
 from sagellm.ops import activation, attention, cache, linear, norm, rotary  # noqa: E402
@@ -43,8 +55,10 @@ __all__ = [
     "build_info",
     "cache",
     "cpu_isa",
+    "cuda_index_checks",
     "linear",
     "norm",
     "rotary",
     "set_cpu_isa",
+    "set_cuda_index_checks",
 ]
