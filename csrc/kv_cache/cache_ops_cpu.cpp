@@ -4,7 +4,8 @@
 // memory bandwidth: bytes moved = 2 x bytes copied.
 //
 // Index tensors (slot_mapping, block_mapping) are range-checked serially before any copy, so a
-// bad index raises with its position and value and leaves the caches untouched.
+// bad index raises with its position and value and leaves the caches untouched. The checks are
+// shared with the CUDA entry (kv_cache/cache_checks.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "kv_cache/cache_checks.h"
 #include "ops.h"
 
 namespace sagellm {
@@ -35,34 +37,9 @@ void check_cpu(const at::Tensor& t, const char* op, const std::string& name) {
 void check_block_mapping(const at::Tensor& block_mapping, const char* op, int64_t src_blocks,
                          int64_t dst_blocks) {
   check_cpu(block_mapping, op, "block_mapping");
-  TORCH_CHECK(block_mapping.scalar_type() == at::kLong, op, ": block_mapping has dtype ",
-              block_mapping.scalar_type(), "; expected int64");
-  TORCH_CHECK(block_mapping.dim() == 2 && block_mapping.size(1) == 2, op,
-              ": block_mapping must have shape [n, 2] (src, dst), got ", block_mapping.sizes());
-  TORCH_CHECK(block_mapping.is_contiguous(), op, ": block_mapping must be contiguous");
-  const int64_t* m = block_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < block_mapping.size(0); ++i) {
-    TORCH_CHECK(m[2 * i] >= 0 && m[2 * i] < src_blocks, op, ": block_mapping[", i, ", 0] = ",
-                m[2 * i], " is out of range [0, ", src_blocks, ")");
-    TORCH_CHECK(m[2 * i + 1] >= 0 && m[2 * i + 1] < dst_blocks, op, ": block_mapping[", i,
-                ", 1] = ", m[2 * i + 1], " is out of range [0, ", dst_blocks, ")");
-  }
-}
-
-// A cache tensor [num_blocks, ...] of whole blocks laid out back to back.
-void check_block_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                        const std::string& name, const std::string& ref_name) {
-  check_cpu(t, op, name);
-  TORCH_CHECK(t.dim() >= 1, op, ": ", name, " must have a leading block dim, got a 0-d tensor");
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
-}
-
-int64_t block_bytes(const at::Tensor& t) {
-  int64_t elems = 1;
-  for (int64_t d = 1; d < t.dim(); ++d) elems *= t.size(d);
-  return elems * static_cast<int64_t>(t.element_size());
+  checks::check_block_mapping_layout(block_mapping, op);
+  checks::check_block_mapping_values(block_mapping.data_ptr<int64_t>(), block_mapping.size(0),
+                                     op, src_blocks, dst_blocks);
 }
 
 }  // namespace
@@ -75,47 +52,13 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   check_cpu(key_cache, op, "key_cache");
   check_cpu(value_cache, op, "value_cache");
   check_cpu(slot_mapping, op, "slot_mapping");
-  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_size], got ",
-              key.sizes());
-  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value has shape ", value.sizes(),
-              " but key has shape ", key.sizes());
-  TORCH_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be [num_blocks, block_size, num_kv_heads, head_size], got ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache has shape ",
-              value_cache.sizes(), " but key_cache has shape ", key_cache.sizes());
-  TORCH_CHECK(key_cache.size(2) == key.size(1) && key_cache.size(3) == key.size(2), op,
-              ": key has [num_kv_heads, head_size] = ", key.sizes().slice(1),
-              " but key_cache has ", key_cache.sizes().slice(2));
-  auto check_dtype = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == key.scalar_type(), op, ": ", name, " has dtype ",
-                t.scalar_type(), " but key has dtype ", key.scalar_type());
-  };
-  check_dtype(value, "value");
-  check_dtype(key_cache, "key_cache");
-  check_dtype(value_cache, "value_cache");
-  TORCH_CHECK(key_cache.is_contiguous(), op, ": key_cache must be contiguous");
-  TORCH_CHECK(value_cache.is_contiguous(), op, ": value_cache must be contiguous");
-  TORCH_CHECK(key.size(2) <= 1 || key.stride(2) == 1, op,
-              ": key must be contiguous in head_size, got strides ", key.strides());
-  TORCH_CHECK(value.size(2) <= 1 || value.stride(2) == 1, op,
-              ": value must be contiguous in head_size, got strides ", value.strides());
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong, op, ": slot_mapping has dtype ",
-              slot_mapping.scalar_type(), "; expected int64");
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0), op,
-              ": slot_mapping has shape ", slot_mapping.sizes(), "; expected [", key.size(0),
-              "] (num_tokens)");
-  TORCH_CHECK(slot_mapping.is_contiguous(), op, ": slot_mapping must be contiguous");
+  checks::check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
 
   const int64_t num_tokens = key.size(0);
   const int64_t heads = key.size(1), head_size = key.size(2);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    TORCH_CHECK(slots[i] == -1 || (slots[i] >= 0 && slots[i] < num_slots), op, ": slot_mapping[",
-                i, "] = ", slots[i], " is out of range [0, ", num_slots,
-                ") (num_blocks * block_size; -1 skips a token)");
-  }
+  checks::check_slot_values(slots, num_tokens, num_slots);
   if (num_tokens == 0 || heads * head_size == 0) return;
 
   const int64_t esize = key.element_size();
@@ -147,30 +90,18 @@ void copy_blocks_cpu(const std::vector<at::Tensor>& key_caches,
                      const std::vector<at::Tensor>& value_caches,
                      const at::Tensor& block_mapping) {
   const char* op = "copy_blocks";
-  TORCH_CHECK(key_caches.size() == value_caches.size(), op, ": ", key_caches.size(),
-              " key_caches but ", value_caches.size(),
-              " value_caches; expected one of each per layer");
-  if (key_caches.empty()) {
+  const std::vector<at::Tensor> caches = checks::layer_caches(
+      key_caches, value_caches,
+      [&](const at::Tensor& t, const std::string& name) { check_cpu(t, op, name); });
+  if (caches.empty()) {
     check_block_mapping(block_mapping, op, 0, 0);
     return;
   }
-  const at::Tensor& ref = key_caches[0];
-  std::vector<at::Tensor> caches;  // every layer's key cache, then every layer's value cache
-  for (const auto* list : {&key_caches, &value_caches}) {
-    const std::string list_name = list == &key_caches ? "key_caches" : "value_caches";
-    for (size_t i = 0; i < list->size(); ++i) {
-      const at::Tensor& t = (*list)[i];
-      const std::string name = list_name + "[" + std::to_string(i) + "]";
-      check_block_tensor(t, ref, op, name, "key_caches[0]");
-      TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(),
-                  " but key_caches[0] has shape ", ref.sizes());
-      caches.push_back(t);
-    }
-  }
+  const at::Tensor& ref = caches[0];
   const int64_t num_blocks = ref.size(0);
   check_block_mapping(block_mapping, op, num_blocks, num_blocks);
   const int64_t n = block_mapping.size(0);
-  const int64_t bytes = block_bytes(ref);
+  const int64_t bytes = checks::block_bytes(ref);
   if (n == 0 || bytes == 0) return;
   const int64_t* m = block_mapping.data_ptr<int64_t>();
   // Within one cache the pairs run in order, so a mapping whose dst is a later pair's src has
@@ -192,13 +123,12 @@ void copy_blocks_cpu(const std::vector<at::Tensor>& key_caches,
 // and the same checks.
 void swap_blocks_cpu(const at::Tensor& src, at::Tensor& dst, const at::Tensor& block_mapping) {
   const char* op = "swap_blocks";
-  check_block_tensor(src, src, op, "src", "src");
-  check_block_tensor(dst, src, op, "dst", "src");
-  TORCH_CHECK(src.sizes().slice(1) == dst.sizes().slice(1), op, ": src has block shape ",
-              src.sizes().slice(1), " but dst has ", dst.sizes().slice(1));
+  check_cpu(src, op, "src");
+  check_cpu(dst, op, "dst");
+  checks::check_swap_caches(src, dst);
   check_block_mapping(block_mapping, op, src.size(0), dst.size(0));
   const int64_t n = block_mapping.size(0);
-  const int64_t bytes = block_bytes(src);
+  const int64_t bytes = checks::block_bytes(src);
   if (n == 0 || bytes == 0) return;
   const int64_t* m = block_mapping.data_ptr<int64_t>();
   const auto* s = static_cast<const char*>(src.data_ptr());

@@ -1,20 +1,30 @@
-"""Paged attention (decode and prefill) against the fp64 reference, and its input validation."""
+"""Paged attention (decode and prefill) against the fp64 reference, and its input validation, on
+every device present (inputs are made on the CPU, moved to the device; the reference runs on the
+CPU copies)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+import sagellm.ops as sagellm_ops
 from sagellm.ops import attention as ops
 from sagellm.ops.reference import attention as ref
 from tests.ops.tolerances import DTYPES, poisoned, tol
+
+HAVE_CUDA = torch.cuda.is_available() and sagellm_ops.build_info()["cuda"]
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and sagellm's CUDA kernels")
 
 HEAD_SIZES = [64, 80, 96, 128, 256]
 # (num_heads, num_kv_heads): MHA, GQA 4, GQA 7, MQA.
 GQA = [(4, 4), (8, 2), (14, 2), (4, 1)]
 
 
-def make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, spare_blocks=3):
+def make_cache(
+    seq_lens, num_kv_heads, head_size, block_size, dtype, spare_blocks=3, spare_columns=2
+):
     """Random K/V caches and a block table of shuffled block ids; unused entries hold garbage."""
     used = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(used) + spare_blocks
@@ -22,7 +32,7 @@ def make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype, spare_block
     key_cache = torch.randn(shape).to(dtype)
     value_cache = torch.randn(shape).to(dtype)
     ids = torch.randperm(num_blocks, dtype=torch.int32)
-    max_blocks = max(used) + 2
+    max_blocks = max(used, default=0) + spare_columns
     block_tables = torch.randint(-(2**30), 2**30, (len(seq_lens), max_blocks), dtype=torch.int32)
     start = 0
     for i, n in enumerate(used):
@@ -35,67 +45,87 @@ def query_start_loc(q_lens):
     return torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def check_decode(seq_lens, heads, head_size, block_size, dtype, **kw):
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@contextlib.contextmanager
+def index_checks(device, enabled=True):
+    """CUDA ops check index values only on request: turn it on for bad-input tests."""
+    if device != "cuda":
+        yield
+        return
+    before = sagellm_ops.cuda_index_checks()
+    sagellm_ops.set_cuda_index_checks(enabled)
+    try:
+        yield
+    finally:
+        sagellm_ops.set_cuda_index_checks(before)
+
+
+def check_decode(seq_lens, heads, head_size, block_size, dtype, device="cpu", cache_kw=None, **kw):
     num_heads, num_kv_heads = heads
-    kc, vc, bt, sl = make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype)
+    kc, vc, bt, sl = make_cache(
+        seq_lens, num_kv_heads, head_size, block_size, dtype, **(cache_kw or {})
+    )
     query = torch.randn(len(seq_lens), num_heads, head_size).to(dtype)
-    out = poisoned(*query.shape, dtype=dtype)
+    out = poisoned(*query.shape, dtype=dtype, device=device)
     scale = head_size**-0.5
-    got = ops.paged_attention_decode(query, kc, vc, bt, sl, scale, out=out, **kw)
+    got = ops.paged_attention_decode(*on(device, query, kc, vc, bt, sl), scale, out=out, **kw)
     assert got is out
     want = ref.paged_attention_decode(query, kc, vc, bt, sl, scale, **kw)
-    torch.testing.assert_close(out, want, **tol(dtype))
+    torch.testing.assert_close(out.cpu(), want, **tol(dtype))
 
 
-def check_prefill(seq_lens, q_lens, heads, head_size, block_size, dtype, **kw):
+def check_prefill(seq_lens, q_lens, heads, head_size, block_size, dtype, device="cpu", **kw):
     num_heads, num_kv_heads = heads
     kc, vc, bt, sl = make_cache(seq_lens, num_kv_heads, head_size, block_size, dtype)
     qsl = query_start_loc(q_lens)
     query = torch.randn(sum(q_lens), num_heads, head_size).to(dtype)
-    out = poisoned(*query.shape, dtype=dtype)
+    out = poisoned(*query.shape, dtype=dtype, device=device)
     scale = head_size**-0.5
-    ops.paged_attention_prefill(query, kc, vc, bt, sl, qsl, scale, out=out, **kw)
+    ops.paged_attention_prefill(*on(device, query, kc, vc, bt, sl, qsl), scale, out=out, **kw)
     want = ref.paged_attention_prefill(query, kc, vc, bt, sl, qsl, scale, **kw)
-    torch.testing.assert_close(out, want, **tol(dtype))
+    torch.testing.assert_close(out.cpu(), want, **tol(dtype))
 
 
 @pytest.mark.parametrize("heads", GQA)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode(dtype, head_size, heads, seeded):
+def test_decode(dtype, head_size, heads, device, seeded):
     block_size = {64: 16, 80: 5, 96: 32, 128: 16, 256: 32}[head_size]
-    check_decode([1, 37, 290, 16, 517], heads, head_size, block_size, dtype)
+    check_decode([1, 37, 290, 16, 517], heads, head_size, block_size, dtype, device)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_block_sizes(dtype, block_size, seeded):
-    check_decode([3, 64, 100, 33], (8, 2), 128, block_size, dtype)
+def test_decode_block_sizes(dtype, block_size, device, seeded):
+    check_decode([3, 64, 100, 33], (8, 2), 128, block_size, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_long_ragged(dtype, seeded):
-    check_decode([1, 4000, 2333, 17, 600], (2, 1), 64, 16, dtype)
+def test_decode_long_ragged(dtype, device, seeded):
+    check_decode([1, 4000, 2333, 17, 600], (2, 1), 64, 16, dtype, device)
 
 
 # Few (sequence, kv head) pairs for the threads: the context is split into parts that a merge
 # pass combines; short sequences of the batch leave some of their parts empty.
 @pytest.mark.parametrize("seq_lens", [[600], [3001], [1, 3000, 700]])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_split_context(dtype, seq_lens, seeded):
+def test_decode_split_context(dtype, seq_lens, device, seeded):
     threads = torch.get_num_threads()
     torch.set_num_threads(4)  # the split depends on the thread count; make it happen everywhere
     try:
-        check_decode(seq_lens, (7, 1), 128, 16, dtype)
+        check_decode(seq_lens, (7, 1), 128, 16, dtype, device)
     finally:
         torch.set_num_threads(threads)
 
 
 # More query heads per KV head than one tile holds (32 rows): the group is split over tiles.
 @pytest.mark.parametrize("heads", [(40, 1), (96, 2)])
-def test_large_gqa_groups(heads, seeded):
-    check_decode([1, 70, 300], heads, 64, 16, torch.float32)
-    check_prefill([1, 70, 300], [1, 3, 20], heads, 64, 16, torch.float32)
+def test_large_gqa_groups(heads, device, seeded):
+    check_decode([1, 70, 300], heads, 64, 16, torch.float32, device)
+    check_prefill([1, 70, 300], [1, 3, 20], heads, 64, 16, torch.float32, device)
 
 
 @pytest.mark.parametrize(
@@ -109,8 +139,10 @@ def test_large_gqa_groups(heads, seeded):
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_window_and_soft_cap(dtype, sliding_window, soft_cap, seq_lens, seeded):
-    check_decode(seq_lens, (6, 2), 80, 16, dtype, sliding_window=sliding_window, soft_cap=soft_cap)
+def test_decode_window_and_soft_cap(dtype, sliding_window, soft_cap, seq_lens, device, seeded):
+    check_decode(
+        seq_lens, (6, 2), 80, 16, dtype, device, sliding_window=sliding_window, soft_cap=soft_cap
+    )
 
 
 # (seq_len, q_len): a whole prompt, a prompt after a cached prefix, a zero-length sequence,
@@ -121,23 +153,23 @@ PREFILL_SEQS = [(40, 40), (300, 123), (17, 0), (1, 1), (700, 5)]
 @pytest.mark.parametrize("heads", GQA)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill(dtype, head_size, heads, seeded):
+def test_prefill(dtype, head_size, heads, device, seeded):
     block_size = {64: 32, 80: 16, 96: 5, 128: 32, 256: 16}[head_size]
     seq_lens, q_lens = zip(*PREFILL_SEQS, strict=True)
-    check_prefill(list(seq_lens), list(q_lens), heads, head_size, block_size, dtype)
+    check_prefill(list(seq_lens), list(q_lens), heads, head_size, block_size, dtype, device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_long(dtype, seeded):
+def test_prefill_long(dtype, device, seeded):
     # A 2048-token prompt and a 512-token chunk after a 2500-token cached prefix.
-    check_prefill([2048, 3012], [2048, 512], (3, 1), 64, 16, dtype)
+    check_prefill([2048, 3012], [2048, 512], (3, 1), 64, 16, dtype, device)
 
 
 @pytest.mark.parametrize(
     ("sliding_window", "soft_cap"), [(1, None), (29, None), (None, 20.0), (64, 3.0)]
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_window_and_soft_cap(dtype, sliding_window, soft_cap, seeded):
+def test_prefill_window_and_soft_cap(dtype, sliding_window, soft_cap, device, seeded):
     check_prefill(
         [200, 500, 60],
         [200, 70, 1],
@@ -145,12 +177,13 @@ def test_prefill_window_and_soft_cap(dtype, sliding_window, soft_cap, seeded):
         64,
         16,
         dtype,
+        device,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
     )
 
 
-def test_chunked_prefill_matches_whole_prompt(seeded):
+def test_chunked_prefill_matches_whole_prompt(device, seeded):
     """The same prompt prefilled in three chunks (growing seq_lens) or in one call."""
     dtype, heads, head_size = torch.float32, (4, 2), 96
     total = 333
@@ -161,38 +194,42 @@ def test_chunked_prefill_matches_whole_prompt(seeded):
     )
     for begin, end in [(0, 100), (100, 101), (101, total)]:
         out = ops.paged_attention_prefill(
-            query[begin:end],
-            kc,
-            vc,
-            bt,
-            torch.tensor([end], dtype=torch.int32),
-            query_start_loc([end - begin]),
+            *on(
+                device,
+                query[begin:end],
+                kc,
+                vc,
+                bt,
+                torch.tensor([end], dtype=torch.int32),
+                query_start_loc([end - begin]),
+            ),
             0.1,
         )
-        torch.testing.assert_close(out, whole[begin:end], **tol(dtype))
+        torch.testing.assert_close(out.cpu(), whole[begin:end], **tol(dtype))
 
 
-def test_strided_query_and_out(seeded):
+def test_strided_query_and_out(device, seeded):
     """query sliced out of a fused qkv tensor, every other head; out a slice of a wider buffer."""
     dtype, num_heads, num_kv_heads, head_size = torch.bfloat16, 8, 2, 64
     kc, vc, bt, sl = make_cache([10, 90], num_kv_heads, head_size, 16, dtype)
+    cache = on(device, kc, vc, bt, sl)
     qkv = torch.randn(2, 2 * num_heads + 2 * num_kv_heads, head_size).to(dtype)
-    query = qkv[:, : 2 * num_heads : 2]
+    query = qkv.to(device)[:, : 2 * num_heads : 2]
     assert query.stride() == ((2 * num_heads + 2 * num_kv_heads) * head_size, 2 * head_size, 1)
-    wide = poisoned(2, num_heads, 3 * head_size, dtype=dtype)
+    wide = poisoned(2, num_heads, 3 * head_size, dtype=dtype, device=device)
     out = wide[:, :, head_size : 2 * head_size]
-    ops.paged_attention_decode(query, kc, vc, bt, sl, 0.125, out=out)
-    want = ref.paged_attention_decode(query, kc, vc, bt, sl, 0.125)
-    torch.testing.assert_close(out, want, **tol(dtype))
+    ops.paged_attention_decode(query, *cache, 0.125, out=out)
+    want = ref.paged_attention_decode(qkv[:, : 2 * num_heads : 2], kc, vc, bt, sl, 0.125)
+    torch.testing.assert_close(out.cpu(), want, **tol(dtype))
     assert wide[:, :, :head_size].isnan().all() and wide[:, :, 2 * head_size :].isnan().all()
 
     qsl = query_start_loc([1, 2])
     qkv = torch.randn(3, num_heads + 2 * num_kv_heads, head_size).to(dtype)
-    query = qkv[:, :num_heads]
-    out = ops.paged_attention_prefill(query, kc, vc, bt, sl, qsl, 0.125)
+    query = qkv.to(device)[:, :num_heads]
+    out = ops.paged_attention_prefill(query, *cache, qsl.to(device), 0.125)
     assert out.is_contiguous()
-    want = ref.paged_attention_prefill(query, kc, vc, bt, sl, qsl, 0.125)
-    torch.testing.assert_close(out, want, **tol(dtype))
+    want = ref.paged_attention_prefill(qkv[:, :num_heads], kc, vc, bt, sl, qsl, 0.125)
+    torch.testing.assert_close(out.cpu(), want, **tol(dtype))
 
 
 @pytest.mark.parametrize(
@@ -205,20 +242,125 @@ def test_every_isa(cpu_isa, dtype, heads, head_size, seeded):
     check_prefill([50, 260, 9], [50, 33, 0], heads, head_size, 32, dtype, sliding_window=40)
 
 
-def test_opcheck(seeded):
-    kc, vc, bt, sl = make_cache([5, 20], 2, 64, 16, torch.float32)
-    query = torch.randn(2, 4, 64)
+def test_opcheck(device, seeded):
+    kc, vc, bt, sl = on(device, *make_cache([5, 20], 2, 64, 16, torch.float32))
+    query = torch.randn(2, 4, 64, device=device)
     out = torch.empty_like(query)
     torch.library.opcheck(
         torch.ops.sagellm.paged_attention_decode, (out, query, kc, vc, bt, sl, 0.125, -1, 0.0)
     )
-    qsl = query_start_loc([5, 3])
-    query = torch.randn(8, 4, 64)
+    qsl = query_start_loc([5, 3]).to(device)
+    query = torch.randn(8, 4, 64, device=device)
     out = torch.empty_like(query)
     torch.library.opcheck(
         torch.ops.sagellm.paged_attention_prefill,
         (out, query, kc, vc, bt, sl, qsl, 0.125, 16, 30.0),
     )
+
+
+# ---- CUDA: shapes of real models, split-KV, graphs -------------------------------------------
+# The CUDA decode kernel splits a context into partitions when the (sequence, KV head) pairs alone
+# would leave the GPU idle, so short batches with long contexts exercise the split and its reduce
+# pass, and B = 64 x 8 KV heads runs unsplit; block sizes that are not a multiple of 16 take the
+# per-row block lookup instead of the one-lookup-per-tile path.
+
+
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 32, 7])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (4, 4)])
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_cuda_shapes(dtype, head_size, heads, block_size, seeded):
+    check_decode([1, 17, 300, 1000, 2500], heads, head_size, block_size, dtype, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("heads", [(24, 2), (40, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_cuda_head_tiles(dtype, heads, seeded):
+    # More than 8 query heads per KV head: the group is split over several CTAs.
+    check_decode([1, 300, 2000], heads, 128, 16, dtype, "cuda")
+    check_decode([1, 300, 2000], heads, 64, 5, dtype, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_cuda_long_context(dtype, seeded):
+    # 8192 keys: many partitions; the 1-token sequence has a single one and skips the reduce.
+    check_decode([8192, 8191, 1, 4000], (32, 8), 128, 16, dtype, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize(("block_size", "dtype"), [(16, torch.bfloat16), (32, torch.float16)])
+def test_decode_cuda_large_batch(block_size, dtype, seeded):
+    seq_lens = torch.randint(1, 2049, (64,)).tolist()
+    check_decode(seq_lens, (32, 8), 128, block_size, dtype, "cuda")
+
+
+@needs_cuda
+def test_decode_cuda_wide_block_table(seeded):
+    # An engine-style table sized for the longest context a model allows, mostly unused: the
+    # partitions planned from its width past each sequence's end must do nothing.
+    check_decode(
+        [3000, 5, 700],
+        (8, 2),
+        128,
+        16,
+        torch.bfloat16,
+        "cuda",
+        cache_kw={"spare_columns": 2000},
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap"), [(4096, None), (None, 50.0), (1000, 30.0), (1, None)]
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_cuda_window_and_soft_cap(dtype, sliding_window, soft_cap, seeded):
+    check_decode(
+        [8192, 3000, 5, 1],
+        (32, 8),
+        128,
+        16,
+        dtype,
+        "cuda",
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
+    )
+
+
+@needs_cuda
+def test_decode_cuda_graph_replay(seeded):
+    """Captured once, replayed on new lengths and block tables of the same shapes: the launch
+    depends on shapes only (and index checks stay off inside the capture even when enabled)."""
+    dtype, heads, head_size = torch.bfloat16, (8, 2), 128
+    kc, vc, bt, sl = make_cache([3000, 40, 700], heads[1], head_size, 16, dtype)
+    query = torch.randn(3, heads[0], head_size).to(dtype)
+    static = on("cuda", query, kc, vc, bt, sl)
+    out = torch.empty(query.shape, dtype=dtype, device="cuda")
+    scale = head_size**-0.5
+
+    def step():
+        ops.paged_attention_decode(*static, scale, out=out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with index_checks("cuda"), torch.cuda.graph(graph):
+        step()
+
+    order = [2, 0, 1]
+    query2 = torch.randn_like(query.float()).to(dtype)
+    for buf, new in zip(static, (query2, kc, vc, bt[order], sl[order]), strict=True):
+        buf.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = ref.paged_attention_decode(query2, kc, vc, bt[order], sl[order], scale)
+    torch.testing.assert_close(out.cpu(), want, **tol(dtype))
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -264,8 +406,11 @@ def _set_block(seq, index, value):
     return change
 
 
-COMMON_BAD = [
-    (_with("query", lambda t: t.double()), "query has dtype Double; expected float32, float16 or bfloat16"),
+SHAPE_BAD = [
+    (
+        _with("query", lambda t: t.double()),
+        "query has dtype Double; expected float32, float16 or bfloat16",
+    ),
     (_with("key_cache", lambda t: t.half()), "key_cache must have the dtype of query"),
     (_with("value_cache", lambda t: t.bfloat16()), "value_cache must have the dtype of query"),
     (_with("out", lambda t: t.half()), "out must have the dtype of query"),
@@ -323,6 +468,10 @@ COMMON_BAD = [
     (_set(sliding_window=-2), "sliding_window must be -1"),
     (_set(soft_cap=-1.0), "soft_cap must be >= 0"),
     (_set(scale=float("nan")), "scale must be finite"),
+]
+
+# Index values: checked on the host; on CUDA only with set_cuda_index_checks(True).
+VALUE_BAD = [
     (_set_block(1, 2, 9001), r"block_tables\[1, 2\] = 9001 is out of range \[0, 9\)"),
     (_set_block(2, 0, -1), r"block_tables\[2, 0\] = -1 is out of range \[0, 9\)"),
     (
@@ -336,17 +485,47 @@ COMMON_BAD = [
 ]
 
 
-@pytest.mark.parametrize(("change", "match"), COMMON_BAD)
-@pytest.mark.parametrize("op", ["decode", "prefill"])
-def test_bad_input(op, change, match):
+def _on(device, args):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def _call(op, change, device):
     if op == "decode":
-        args = change(_decode_args())
-        fn = torch.ops.sagellm.paged_attention_decode
-    else:
-        args = change(_prefill_args())
-        fn = torch.ops.sagellm.paged_attention_prefill
-    with pytest.raises(RuntimeError, match=match):
-        fn(**args)
+        return torch.ops.sagellm.paged_attention_decode(**_on(device, change(_decode_args())))
+    return torch.ops.sagellm.paged_attention_prefill(**_on(device, change(_prefill_args())))
+
+
+@pytest.mark.parametrize(("change", "match"), SHAPE_BAD + VALUE_BAD)
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_bad_input(op, change, match, device):
+    with index_checks(device), pytest.raises(RuntimeError, match=match):
+        _call(op, change, device)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("change", "match"), SHAPE_BAD)
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_bad_shapes_without_index_checks_cuda(op, change, match):
+    """Shapes, dtypes, strides and scalars are checked on CUDA even with index checks off."""
+    with index_checks("cuda", enabled=False), pytest.raises(RuntimeError, match=match):
+        _call(op, change, "cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["out", "key_cache", "value_cache", "block_tables", "seq_lens"])
+def test_cuda_tensors_on_another_device(name):
+    args = _on("cuda", _decode_args())
+    args[name] = args[name].cpu()
+    with pytest.raises(RuntimeError, match=f"{name} must be on cuda:0 \\(the device of query\\)"):
+        torch.ops.sagellm.paged_attention_decode(**args)
+    args = _on("cuda", _prefill_args())
+    args["query_start_loc"] = args["query_start_loc"].cpu()
+    with pytest.raises(RuntimeError, match="query_start_loc must be on cuda:0"):
+        torch.ops.sagellm.paged_attention_prefill(**args)
+    args = _on("cuda", _decode_args())
+    args["query"] = args["query"].cpu()
+    with pytest.raises(RuntimeError, match="query must be on a CUDA device, got cpu"):
+        torch.ops.sagellm.paged_attention_decode(**args)
 
 
 def _qsl(*values):
@@ -368,32 +547,34 @@ def _qsl(*values):
         ),
     ],
 )
-def test_bad_prefill_input(change, match):
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.sagellm.paged_attention_prefill(**change(_prefill_args()))
+def test_bad_prefill_input(change, match, device):
+    with index_checks(device), pytest.raises(RuntimeError, match=match):
+        _call("prefill", change, device)
 
 
-def test_bad_decode_input():
-    args = _decode_args()
+def test_bad_decode_input(device):
+    args = _on(device, _decode_args())
     with pytest.raises(RuntimeError, match="query has 2 tokens but seq_lens has 3 sequences"):
         torch.ops.sagellm.paged_attention_decode(
             **{**args, "query": args["query"][:2], "out": args["out"][:2]}
         )
-    bad_len = torch.tensor([5, 0, 17], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 0 must be >= 1"):
+    bad_len = torch.tensor([5, 0, 17], dtype=torch.int32, device=device)
+    with index_checks(device), pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 0 must be >= 1"):
         torch.ops.sagellm.paged_attention_decode(**{**args, "seq_lens": bad_len})
 
 
-def test_empty_batch_and_zero_length_prefill(seeded):
+def test_empty_batch_and_zero_length_prefill(device, seeded):
     args = _prefill_args()
     args["query_start_loc"] = query_start_loc([5, 0, 4])
     args["seq_lens"] = torch.tensor([5, 0, 17], dtype=torch.int32)
     args["out"] = poisoned(*args["query"].shape, dtype=torch.float32)
+    args = _on(device, args)
     torch.ops.sagellm.paged_attention_prefill(**args)
     assert not args["out"].isnan().any()
 
     empty = {**args, "query": args["query"][:0], "out": args["out"][:0]}
     empty.update(block_tables=args["block_tables"][:0], seq_lens=args["seq_lens"][:0])
-    torch.ops.sagellm.paged_attention_prefill(**{**empty, "query_start_loc": query_start_loc([])})
+    empty_qsl = query_start_loc([]).to(device)
+    torch.ops.sagellm.paged_attention_prefill(**{**empty, "query_start_loc": empty_qsl})
     del empty["query_start_loc"]
     torch.ops.sagellm.paged_attention_decode(**empty)

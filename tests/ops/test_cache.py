@@ -1,27 +1,60 @@
-"""reshape_and_cache, copy_blocks and swap_blocks against the pure-torch reference (exact)."""
+"""reshape_and_cache, copy_blocks and swap_blocks against the pure-torch reference (exact), on
+every device present; swap_blocks also between the CPU and the GPU, both ways."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+from sagellm import ops
 from sagellm.ops import cache
 from sagellm.ops.reference import cache as ref
 from tests.ops.tolerances import DTYPES
 
+HAVE_CUDA = torch.cuda.is_available() and ops.build_info()["cuda"]
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a GPU and sagellm's CUDA kernels")
+
 SENTINEL = 7.0  # caches start full of it, so an untouched slot is recognisable
 
 
-def _caches(num_blocks, block_size, heads, head_size, dtype):
+def _caches(num_blocks, block_size, heads, head_size, dtype, device="cpu"):
     shape = (num_blocks, block_size, heads, head_size)
-    return torch.full(shape, SENTINEL, dtype=dtype), torch.full(shape, -SENTINEL, dtype=dtype)
+    return (
+        torch.full(shape, SENTINEL, dtype=dtype, device=device),
+        torch.full(shape, -SENTINEL, dtype=dtype, device=device),
+    )
+
+
+@contextlib.contextmanager
+def index_checks(device, enabled=True):
+    """CUDA ops check index values only on request: turn it on (or off) for a test."""
+    if device != "cuda":
+        yield
+        return
+    before = ops.cuda_index_checks()
+    ops.set_cuda_index_checks(enabled)
+    try:
+        yield
+    finally:
+        ops.set_cuda_index_checks(before)
+
+
+def _expected_cache_write(key, cache_, slots):
+    """The reference's result, vectorised (the reference loops over tokens in Python)."""
+    out = cache_.clone()
+    flat = out.view(-1, *out.shape[2:])
+    keep = slots >= 0
+    flat[slots[keep]] = key[keep]
+    return out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads,head_size", [(1, 64), (2, 80), (8, 128), (3, 7)])
 @pytest.mark.parametrize("num_tokens", [0, 1, 37])
-def test_reshape_and_cache(dtype, block_size, heads, head_size, num_tokens):
+def test_reshape_and_cache(device, dtype, block_size, heads, head_size, num_tokens):
     g = torch.Generator().manual_seed(num_tokens + heads)
     num_blocks = 6
     key = torch.randn(num_tokens, heads, head_size, generator=g).to(dtype)
@@ -30,15 +63,36 @@ def test_reshape_and_cache(dtype, block_size, heads, head_size, num_tokens):
     slots[::5] = -1  # padding tokens
     kc, vc = _caches(num_blocks, block_size, heads, head_size, dtype)
     ek, ev = ref.reshape_and_cache(key, value, kc, vc, slots)
+    key, value, kc, vc, slots = (t.to(device) for t in (key, value, kc, vc, slots))
+    cache.reshape_and_cache(key, value, kc, vc, slots)
+    assert torch.equal(kc.cpu(), ek) and torch.equal(vc.cpu(), ev)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots.cpu()[slots.cpu() >= 0]] = True
+    assert (kc.cpu().view(-1, heads, head_size)[~written] == SENTINEL).all()
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,head_size", [(8, 128), (1, 64), (4, 80), (3, 7), (2, 9)])
+@pytest.mark.parametrize("num_tokens", [1, 1027, 8191])
+def test_cuda_reshape_and_cache_large(dtype, heads, head_size, num_tokens):
+    # Many tokens into a big cache; head sizes whose rows are 16-, 8-, 2- or 1-element units.
+    g = torch.Generator().manual_seed(num_tokens * heads)
+    block_size, num_blocks = 16, 1024
+    key = torch.randn(num_tokens, heads, head_size, generator=g).to(dtype).cuda()
+    value = torch.randn(num_tokens, heads, head_size, generator=g).to(dtype).cuda()
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[1::7] = -1
+    slots = slots.cuda()
+    kc, vc = _caches(num_blocks, block_size, heads, head_size, dtype, device="cuda")
+    ek, ev = _expected_cache_write(key, kc, slots), _expected_cache_write(value, vc, slots)
     cache.reshape_and_cache(key, value, kc, vc, slots)
     assert torch.equal(kc, ek) and torch.equal(vc, ev)
-    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
-    written[slots[slots >= 0]] = True
-    assert (kc.view(-1, heads, head_size)[~written] == SENTINEL).all()
 
 
 @pytest.mark.parametrize("three_d_slices", [False, True])
-def test_reshape_and_cache_from_qkv_slices(three_d_slices):
+def test_reshape_and_cache_from_qkv_slices(device, three_d_slices):
     # key/value as views of a fused qkv buffer: strided tokens, and (3-d case) strided heads.
     tokens, heads, kv_heads, d = 9, 4, 2, 64
     qkv = torch.randn(tokens, heads + 2 * kv_heads, d).to(torch.bfloat16)
@@ -49,19 +103,30 @@ def test_reshape_and_cache_from_qkv_slices(three_d_slices):
     slots = torch.tensor([3, 17, -1, 40, 0, 63, 1, 2, 33])
     kc, vc = _caches(4, 16, kv_heads, d, torch.bfloat16)
     ek, ev = ref.reshape_and_cache(key, value, kc, vc, slots)
+    qkv_d = qkv.to(device)
+    if three_d_slices:
+        key, value = qkv_d[:, heads : heads + 2 * kv_heads : 2], qkv_d[:, heads + 1 :: 2]
+    else:
+        key, value = qkv_d[:, heads : heads + kv_heads], qkv_d[:, heads + kv_heads :]
+    kc, vc, slots = kc.to(device), vc.to(device), slots.to(device)
     cache.reshape_and_cache(key, value, kc, vc, slots)
-    assert torch.equal(kc, ek) and torch.equal(vc, ev)
+    assert torch.equal(kc.cpu(), ek) and torch.equal(vc.cpu(), ev)
 
 
-def test_reshape_and_cache_bad_inputs():
-    key = torch.randn(3, 2, 16)
-    kc, vc = _caches(2, 16, 2, 16, torch.float32)
-    slots = torch.tensor([0, 1, 2])
+def test_reshape_and_cache_bad_inputs(device):
+    key = torch.randn(3, 2, 16, device=device)
+    kc, vc = _caches(2, 16, 2, 16, torch.float32, device=device)
+    slots = torch.tensor([0, 1, 2], device=device)
     op = cache.reshape_and_cache
-    with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 32 is out of range \[0, 32\)"):
-        op(key, key, kc, vc, torch.tensor([0, 32, 1]))
-    with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = -2"):
-        op(key, key, kc, vc, torch.tensor([0, 1, -2]))
+
+    def tensor(values):
+        return torch.tensor(values, device=device)
+
+    with index_checks(device):
+        with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 32 is out of range \[0, 32\)"):
+            op(key, key, kc, vc, tensor([0, 32, 1]))
+        with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = -2"):
+            op(key, key, kc, vc, tensor([0, 1, -2]))
     assert (kc == SENTINEL).all()  # a rejected call writes nothing
     with pytest.raises(RuntimeError, match="slot_mapping"):
         op(key, key, kc, vc, slots.int())
@@ -83,44 +148,119 @@ def test_reshape_and_cache_bad_inputs():
         op(key.transpose(1, 2).contiguous().transpose(1, 2), key, kc, vc, slots)
 
 
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_unchecked_bad_slots_write_nothing():
+    # With index checks off the values are never read on the host; the kernel skips slots out
+    # of range instead of writing outside the cache.
+    key = torch.randn(3, 2, 16, device="cuda")
+    kc, vc = _caches(2, 16, 2, 16, torch.float32, device="cuda")
+    with index_checks("cuda", enabled=False):
+        cache.reshape_and_cache(key, key, kc, vc, torch.tensor([32, -2, 1 << 40], device="cuda"))
+    assert (kc == SENTINEL).all() and (vc == -SENTINEL).all()
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_cache_ops_reject_mixed_devices():
+    key = torch.randn(3, 2, 16, device="cuda")
+    kc, vc = _caches(2, 16, 2, 16, torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"slot_mapping is on cpu but key_cache is on cuda"):
+        cache.reshape_and_cache(key, key, kc, vc, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match=r"value_caches\[0\] is on cpu"):
+        cache.copy_blocks([kc], [vc.cpu()], torch.tensor([[0, 1]]))
+    with pytest.raises(RuntimeError, match="block_mapping .*must be on the CPU"):
+        cache.swap_blocks(kc, kc.cpu(), torch.tensor([[0, 1]], device="cuda"))
+
+
+def _layers(layers, shape, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kcs = [torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(layers)]
+    vcs = [torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(layers)]
+    return kcs, vcs
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_copy_blocks_several_layers(dtype):
-    layers, shape = 3, (8, 16, 2, 64)
-    kcs = [torch.randn(shape).to(dtype) for _ in range(layers)]
-    vcs = [torch.randn(shape).to(dtype) for _ in range(layers)]
+@pytest.mark.parametrize("mapping_on", ["cpu", "device"])
+def test_copy_blocks_several_layers(device, dtype, mapping_on):
+    kcs, vcs = _layers(3, (8, 16, 2, 64), dtype, device)
     # (1 -> 5) then (5 -> 6): pairs apply in order, so block 6 receives block 1.
     mapping = torch.tensor([[1, 5], [2, 0], [5, 6], [3, 3]])
     ek, ev = ref.copy_blocks(kcs, vcs, mapping)
-    cache.copy_blocks(kcs, vcs, mapping)
+    cache.copy_blocks(kcs, vcs, mapping.to(device) if mapping_on == "device" else mapping)
     for got, want in zip(kcs + vcs, ek + ev, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(kcs[0][6], kcs[0][1])
 
 
-def test_copy_blocks_empty():
-    kc = torch.randn(4, 16, 1, 8)
+def _expected_copies(caches, mapping):
+    """The reference's result with all caches stacked, one indexing op per pair."""
+    stacked = torch.stack(caches)
+    for src, dst in mapping.tolist():
+        stacked[:, dst] = stacked[:, src]
+    return list(stacked.unbind(0))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("mapping_on", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "shape,dtype,layers",
+    [
+        ((64, 16, 8, 128), torch.bfloat16, 3),  # 32 KiB blocks in 16-byte units
+        ((40, 5, 1, 7), torch.bfloat16, 130),  # 70-byte blocks: 2-byte units
+        ((33, 3, 1, 1), torch.float32, 130),  # 4-byte units
+        ((20, 5, 1, 3), torch.uint8, 5),  # 1-byte units (any dtype is copied as bytes)
+    ],
+)
+def test_cuda_copy_blocks_many_pairs_and_layers(mapping_on, shape, dtype, layers):
+    # 130 layers: two launches of up to 128 caches. 700 pairs: several shared-memory tiles and
+    # load batches of the kernel, with chains inside and across batches and a destination
+    # written again and again.
+    kcs, vcs = _layers(layers, shape, dtype, "cuda", seed=shape[0])
+    g = torch.Generator().manual_seed(7)
+    mapping = torch.randint(0, shape[0], (700, 2), generator=g)
+    mapping[10:20, 0] = mapping[9:19, 1].clone()  # each pair reads the previous one's dst
+    mapping[300:305, 1] = 3
+    expected = _expected_copies(kcs + vcs, mapping)
+    cache.copy_blocks(kcs, vcs, mapping.to(mapping_on))
+    for got, want in zip(kcs + vcs, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_copy_blocks_empty(device):
+    kc = torch.randn(4, 16, 1, 8, device=device)
     before = kc.clone()
     cache.copy_blocks([kc], [kc.clone()], torch.zeros(0, 2, dtype=torch.int64))
-    cache.copy_blocks([], [], torch.zeros(0, 2, dtype=torch.int64))
+    cache.copy_blocks([], [], torch.zeros(0, 2, dtype=torch.int64, device=device))
     assert torch.equal(kc, before)
 
 
-def test_copy_blocks_bad_inputs():
-    kcs = [torch.zeros(4, 16, 1, 8) for _ in range(2)]
-    vcs = [torch.zeros(4, 16, 1, 8) for _ in range(2)]
+@pytest.mark.parametrize("mapping_on", ["cpu", "device"])
+def test_copy_blocks_bad_inputs(device, mapping_on):
+    kcs = [torch.zeros(4, 16, 1, 8, device=device) for _ in range(2)]
+    vcs = [torch.zeros(4, 16, 1, 8, device=device) for _ in range(2)]
     ok = torch.tensor([[0, 1]])
-    with pytest.raises(RuntimeError, match=r"block_mapping\[1, 1\] = 4 is out of range \[0, 4\)"):
-        cache.copy_blocks(kcs, vcs, torch.tensor([[0, 1], [2, 4]]))
-    with pytest.raises(RuntimeError, match=r"block_mapping\[0, 0\] = -1"):
-        cache.copy_blocks(kcs, vcs, torch.tensor([[-1, 1]]))
+
+    def mapping(values, **kw):
+        m = torch.tensor(values, **kw)
+        return m.to(device) if mapping_on == "device" else m
+
+    with index_checks(device):
+        with pytest.raises(
+            RuntimeError, match=r"block_mapping\[1, 1\] = 4 is out of range \[0, 4\)"
+        ):
+            cache.copy_blocks(kcs, vcs, mapping([[0, 1], [2, 4]]))
+        with pytest.raises(RuntimeError, match=r"block_mapping\[0, 0\] = -1"):
+            cache.copy_blocks(kcs, vcs, mapping([[-1, 1]]))
     with pytest.raises(RuntimeError, match="block_mapping"):
-        cache.copy_blocks(kcs, vcs, ok.int())
+        cache.copy_blocks(kcs, vcs, mapping([[0, 1]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="block_mapping"):
-        cache.copy_blocks(kcs, vcs, torch.tensor([0, 1]))
+        cache.copy_blocks(kcs, vcs, mapping([0, 1]))
     with pytest.raises(RuntimeError, match="value_caches"):
         cache.copy_blocks(kcs, vcs[:1], ok)
     with pytest.raises(RuntimeError, match=r"value_caches\[1\]"):
-        cache.copy_blocks(kcs, [vcs[0], torch.zeros(5, 16, 1, 8)], ok)
+        cache.copy_blocks(kcs, [vcs[0], torch.zeros(5, 16, 1, 8, device=device)], ok)
     with pytest.raises(RuntimeError, match=r"key_caches\[1\]"):
         cache.copy_blocks([kcs[0], kcs[1].half()], vcs, ok)
     with pytest.raises(RuntimeError, match=r"key_caches\[0\]"):
@@ -128,9 +268,9 @@ def test_copy_blocks_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swap_blocks_between_caches_of_different_sizes(dtype):
-    src = torch.randn(10, 16, 2, 32).to(dtype)
-    dst = torch.full((6, 16, 2, 32), SENTINEL, dtype=dtype)
+def test_swap_blocks_between_caches_of_different_sizes(device, dtype):
+    src = torch.randn(10, 16, 2, 32).to(dtype).to(device)
+    dst = torch.full((6, 16, 2, 32), SENTINEL, dtype=dtype, device=device)
     mapping = torch.tensor([[9, 0], [3, 5], [0, 2]])
     expected = ref.swap_blocks(src, dst, mapping)
     cache.swap_blocks(src, dst, mapping)
@@ -141,14 +281,33 @@ def test_swap_blocks_between_caches_of_different_sizes(dtype):
     assert torch.equal(back[9], src[9]) and torch.equal(back[3], src[3])
 
 
-def test_swap_blocks_within_one_tensor_in_order():
-    t = torch.arange(4.0).view(4, 1).repeat(1, 8)
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("src_on,dst_on", [("cpu", "cuda"), ("cuda", "cpu"), ("cuda", "cuda")])
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_swap_blocks_across_devices(src_on, dst_on, pinned):
+    # Offload to host memory and back; runs of consecutive blocks become one copy each.
+    src = torch.randn(300, 16, 8, 128).to(torch.bfloat16)
+    dst = torch.full((200, 16, 8, 128), SENTINEL, dtype=torch.bfloat16)
+    if pinned:
+        src, dst = src.pin_memory(), dst.pin_memory()
+    mapping = torch.tensor([[299, 0], [5, 7], [6, 8], [7, 9], [100, 199], [0, 1], [1, 2]])
+    expected = ref.swap_blocks(src, dst, mapping)
+    src, dst = src.to(src_on), dst.to(dst_on)
+    cache.swap_blocks(src, dst, mapping)
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), expected)
+
+
+def test_swap_blocks_within_one_tensor_in_order(device):
+    t = torch.arange(4.0, device=device).view(4, 1).repeat(1, 8)
     cache.swap_blocks(t, t, torch.tensor([[0, 1], [1, 2]]))
-    assert torch.equal(t[:, 0], torch.tensor([0.0, 0.0, 0.0, 3.0]))
+    assert torch.equal(t[:, 0].cpu(), torch.tensor([0.0, 0.0, 0.0, 3.0]))
 
 
-def test_swap_blocks_bad_inputs():
-    src, dst = torch.zeros(10, 16, 8), torch.zeros(6, 16, 8)
+def test_swap_blocks_bad_inputs(device):
+    src = torch.zeros(10, 16, 8, device=device)
+    dst = torch.zeros(6, 16, 8, device=device)
     with pytest.raises(RuntimeError, match=r"block_mapping\[0, 0\] = 10 is out of range \[0, 10\)"):
         cache.swap_blocks(src, dst, torch.tensor([[10, 0]]))
     with pytest.raises(RuntimeError, match=r"block_mapping\[1, 1\] = 6 is out of range \[0, 6\)"):
@@ -156,37 +315,69 @@ def test_swap_blocks_bad_inputs():
     with pytest.raises(RuntimeError, match="block_mapping"):
         cache.swap_blocks(src, dst, torch.tensor([[0, 0]], dtype=torch.int32))
     with pytest.raises(RuntimeError, match="dst"):
-        cache.swap_blocks(src, torch.zeros(6, 16, 4), torch.tensor([[0, 0]]))
+        cache.swap_blocks(src, torch.zeros(6, 16, 4, device=device), torch.tensor([[0, 0]]))
     with pytest.raises(RuntimeError, match="dst"):
         cache.swap_blocks(src, dst.half(), torch.tensor([[0, 0]]))
     with pytest.raises(RuntimeError, match="src"):
         cache.swap_blocks(src.transpose(1, 2), dst.transpose(1, 2), torch.tensor([[0, 0]]))
 
 
-def test_opcheck():
-    key = torch.randn(3, 2, 16)
-    kc, vc = _caches(2, 16, 2, 16, torch.float32)
+@needs_cuda
+@pytest.mark.cuda
+def test_cuda_ops_capture_in_a_graph():
+    # The decode-step ops replay from a CUDA graph with fresh inputs written into the captured
+    # buffers, index checks on (they are skipped while capturing, not a sync inside capture).
+    key = torch.randn(4, 2, 16, device="cuda")
+    kc, vc = _caches(8, 16, 2, 16, torch.float32, device="cuda")
+    slots = torch.tensor([0, 17, -1, 40], device="cuda")
+    mapping = torch.tensor([[0, 5]], device="cuda")
+    with index_checks("cuda"):
+        cache.reshape_and_cache(key, key, kc, vc, slots)  # warm-up (module load) outside
+        cache.copy_blocks([kc], [vc], mapping)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            cache.reshape_and_cache(key, key, kc, vc, slots)
+            cache.copy_blocks([kc], [vc], mapping)
+    kc.fill_(SENTINEL)
+    vc.fill_(-SENTINEL)
+    key.copy_(torch.randn(4, 2, 16))
+    slots.copy_(torch.tensor([1, 2, 3, -1]))
+    mapping.copy_(torch.tensor([[0, 7]]))
+    graph.replay()
+    k0, v0 = _caches(8, 16, 2, 16, torch.float32)
+    ek, ev = ref.reshape_and_cache(key.cpu(), key.cpu(), k0, v0, slots.cpu())
+    ek, ev = ref.copy_blocks([ek], [ev], mapping.cpu())
+    assert torch.equal(kc.cpu(), ek[0]) and torch.equal(vc.cpu(), ev[0])
+
+
+def test_opcheck(device):
+    key = torch.randn(3, 2, 16, device=device)
+    kc, vc = _caches(2, 16, 2, 16, torch.float32, device=device)
     torch.library.opcheck(
         torch.ops.sagellm.reshape_and_cache.default,
-        (key, key.clone(), kc, vc, torch.tensor([0, -1, 5])),
+        (key, key.clone(), kc, vc, torch.tensor([0, -1, 5], device=device)),
     )
-    kcs = [torch.randn(4, 16, 1, 8) for _ in range(2)]
-    vcs = [torch.randn(4, 16, 1, 8) for _ in range(2)]
+    kcs, vcs = _layers(2, (4, 16, 1, 8), torch.float32, device)
     torch.library.opcheck(torch.ops.sagellm.copy_blocks.default, (kcs, vcs, torch.tensor([[0, 1]])))
     torch.library.opcheck(
         torch.ops.sagellm.swap_blocks.default,
-        (torch.randn(5, 16, 8), torch.zeros(3, 16, 8), torch.tensor([[4, 0], [1, 2]])),
+        (
+            torch.randn(5, 16, 8, device=device),
+            torch.zeros(3, 16, 8, device=device),
+            torch.tensor([[4, 0], [1, 2]]),
+        ),
     )
 
 
-def test_traces_under_torch_compile():
+def test_traces_under_torch_compile(device):
     def write(key, kc, vc, slots):
         cache.reshape_and_cache(key, key * 2, kc, vc, slots)
         return kc.sum() + vc.sum()
 
-    key = torch.randn(3, 2, 16)
-    slots = torch.tensor([0, -1, 5])
-    kc, vc = _caches(2, 16, 2, 16, torch.float32)
+    key = torch.randn(3, 2, 16, device=device)
+    slots = torch.tensor([0, -1, 5], device=device)
+    kc, vc = _caches(2, 16, 2, 16, torch.float32, device=device)
     ke, ve = kc.clone(), vc.clone()
     expected = write(key, ke, ve, slots)
     got = torch.compile(write, fullgraph=True, backend="aot_eager")(key, kc, vc, slots)

@@ -10,11 +10,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
+#include "attention/attention_checks.h"
 #include "attention/cpu/attention_kernels.h"
 #include "cpu/dtype.h"
 #include "ops.h"
@@ -25,6 +24,14 @@ namespace {
 using cpu::AttentionWorkItem;
 using cpu::PagedAttentionParams;
 
+// The shared checks accept exactly the head sizes this file's kernels are compiled for.
+static_assert(sizeof(attention::kHeadSizes) == sizeof(cpu::kAttentionHeadSizes));
+static_assert([] {
+  for (size_t i = 0; i < std::size(attention::kHeadSizes); ++i)
+    if (attention::kHeadSizes[i] != cpu::kAttentionHeadSizes[i]) return false;
+  return true;
+}());
+
 // Decode never splits a context into parts shorter than this many keys.
 constexpr int64_t kMinPartKeys = 256;
 constexpr int64_t kChunkKeys = 32;  // the kernel's key chunk; parts are multiples of it
@@ -33,79 +40,22 @@ void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
 }
 
-void check_int32(const at::Tensor& t, const char* name, int64_t dim) {
-  check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-// Checks shared by both ops; fills everything in the params but the work items.
+// Checks shared by both ops (attention/attention_checks.h); fills everything in the params but
+// the block table and the work items.
 PagedAttentionParams check_and_describe(const at::Tensor& out, const at::Tensor& query,
                                         const at::Tensor& key_cache,
                                         const at::Tensor& value_cache,
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                         double scale, int64_t sliding_window, double soft_cap) {
-  check_cpu(out, "out");
-  check_cpu(query, "query");
-  check_cpu(key_cache, "key_cache");
-  check_cpu(value_cache, "value_cache");
-  check_int32(block_tables, "block_tables", 2);
-  check_int32(seq_lens, "seq_lens", 1);
-
-  TORCH_CHECK(query.dim() == 3, "query must be 3-D [num_tokens, num_heads, head_size], got shape ",
-              query.sizes());
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query ", query.sizes(),
-              ", got ", out.sizes());
-  TORCH_CHECK(key_cache.dim() == 4,
-              "key_cache must be 4-D [num_blocks, block_size, num_kv_heads, head_size], got shape ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of ",
-              "key_cache ", key_cache.sizes(), ", got ", value_cache.sizes());
-  const cpu::DType dtype = cpu::kernel_dtype(query, "paged_attention", "query");
-  auto check_same_dtype = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.scalar_type() == query.scalar_type(), name, " must have the dtype of query (",
-                query.scalar_type(), "), got ", t.scalar_type());
-  };
-  check_same_dtype(out, "out");
-  check_same_dtype(key_cache, "key_cache");
-  check_same_dtype(value_cache, "value_cache");
-  TORCH_CHECK(key_cache.is_contiguous(), "key_cache must be contiguous");
-  TORCH_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
-  TORCH_CHECK(query.stride(2) == 1, "query must have a contiguous head_size dim (stride(2) == 1), ",
-              "got strides ", query.strides());
-  TORCH_CHECK(out.stride(2) == 1, "out must have a contiguous head_size dim (stride(2) == 1), ",
-              "got strides ", out.strides());
-
-  const int64_t head_size = query.size(2);
-  TORCH_CHECK(key_cache.size(3) == head_size, "key_cache head_size ", key_cache.size(3),
-              " does not match query head_size ", head_size);
-  const auto& sizes = cpu::kAttentionHeadSizes;
-  TORCH_CHECK(std::find(std::begin(sizes), std::end(sizes), head_size) != std::end(sizes),
-              "head_size ", head_size, " is not supported; supported: 64, 80, 96, 128, 256");
-  const int64_t num_heads = query.size(1);
-  const int64_t num_kv_heads = key_cache.size(2);
-  TORCH_CHECK(num_kv_heads >= 1 && num_heads >= 1 && num_heads % num_kv_heads == 0,
-              "num_heads (query.size(1) = ", num_heads,
-              ") must be a positive multiple of num_kv_heads (key_cache.size(2) = ", num_kv_heads,
-              ")");
-  TORCH_CHECK(key_cache.size(1) >= 1, "key_cache block_size must be >= 1, got ",
-              key_cache.size(1));
-  TORCH_CHECK(key_cache.size(0) <= std::numeric_limits<int32_t>::max(),
-              "key_cache has too many blocks for int32 block ids: ", key_cache.size(0));
-  TORCH_CHECK(block_tables.size(0) == seq_lens.size(0), "block_tables has ",
-              block_tables.size(0), " rows but seq_lens has ", seq_lens.size(0), " sequences");
-  TORCH_CHECK(sliding_window == -1 || sliding_window >= 1,
-              "sliding_window must be -1 (off) or >= 1, got ", sliding_window);
-  TORCH_CHECK(std::isfinite(soft_cap) && soft_cap >= 0.0,
-              "soft_cap must be >= 0 (0 = off), got ", soft_cap);
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
-
+  const attention::AttentionDims d =
+      attention::check_attention_inputs(out, query, key_cache, value_cache, block_tables,
+                                        seq_lens, scale, sliding_window, soft_cap, check_cpu);
   PagedAttentionParams p{};
-  p.dtype = dtype;
-  p.head_size = static_cast<int>(head_size);
-  p.num_heads = static_cast<int>(num_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.block_size = static_cast<int>(key_cache.size(1));
+  p.dtype = cpu::kernel_dtype(query, "paged_attention", "query");
+  p.head_size = d.head_size;
+  p.num_heads = d.num_heads;
+  p.num_kv_heads = d.num_kv_heads;
+  p.block_size = d.block_size;
   p.query = query.data_ptr();
   p.q_stride_token = query.stride(0);
   p.q_stride_head = query.stride(1);
@@ -115,30 +65,9 @@ PagedAttentionParams check_and_describe(const at::Tensor& out, const at::Tensor&
   p.key_cache = key_cache.data_ptr();
   p.value_cache = value_cache.data_ptr();
   p.scale = static_cast<float>(scale);
-  p.sliding_window = sliding_window < 0 ? std::numeric_limits<int32_t>::max() : sliding_window;
+  p.sliding_window = d.sliding_window;
   p.soft_cap = static_cast<float>(soft_cap);
   return p;
-}
-
-// seq_lens against the cache size, and every block id a sequence uses against num_blocks.
-void check_seq_lens_and_blocks(const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                               int64_t num_blocks, int64_t block_size, int64_t min_len) {
-  const int64_t num_seqs = seq_lens.size(0);
-  const int64_t max_blocks = block_tables.size(1);
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int32_t* table = block_tables.data_ptr<int32_t>();
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(lens[s] >= min_len, "seq_lens[", s, "] = ", lens[s], " must be >= ", min_len);
-    TORCH_CHECK(lens[s] <= max_blocks * block_size, "seq_lens[", s, "] = ", lens[s],
-                " exceeds the block table's capacity of ", max_blocks, " blocks x ", block_size,
-                " tokens");
-    const int64_t used = (lens[s] + block_size - 1) / block_size;
-    for (int64_t b = 0; b < used; ++b) {
-      const int32_t id = table[s * max_blocks + b];
-      TORCH_CHECK(id >= 0 && id < num_blocks, "block_tables[", s, ", ", b, "] = ", id,
-                  " is out of range [0, ", num_blocks, ")");
-    }
-  }
 }
 
 // Heads of one GQA group are split into tiles of at most kAttentionMaxRows rows, evenly.
@@ -175,11 +104,11 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
   PagedAttentionParams p = check_and_describe(out, query, key_cache, value_cache, block_tables,
                                               seq_lens, scale, sliding_window, soft_cap);
   const int64_t num_seqs = seq_lens.size(0);
-  TORCH_CHECK(query.size(0) == num_seqs, "query has ", query.size(0),
-              " tokens but seq_lens has ", num_seqs, " sequences (decode: one token each)");
+  attention::check_decode_tokens(query, seq_lens);
   const at::Tensor table = block_tables.contiguous();
   const at::Tensor lens_t = seq_lens.contiguous();
-  check_seq_lens_and_blocks(table, lens_t, key_cache.size(0), p.block_size, /*min_len=*/1);
+  attention::check_seq_lens_and_blocks(table, lens_t, key_cache.size(0), p.block_size,
+                                       /*min_len=*/1);
   p.block_tables = table.data_ptr<int32_t>();
   p.block_tables_stride = table.size(1);
   if (num_seqs == 0) return;
@@ -267,29 +196,17 @@ void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query,
                                  int64_t sliding_window, double soft_cap) {
   PagedAttentionParams p = check_and_describe(out, query, key_cache, value_cache, block_tables,
                                               seq_lens, scale, sliding_window, soft_cap);
-  check_int32(query_start_loc, "query_start_loc", 1);
+  attention::check_prefill_query_start_loc(query_start_loc, query, seq_lens, check_cpu);
   const int64_t num_seqs = seq_lens.size(0);
   const int64_t num_tokens = query.size(0);
-  TORCH_CHECK(query_start_loc.size(0) == num_seqs + 1, "query_start_loc must have num_seqs + 1 = ",
-              num_seqs + 1, " entries, got ", query_start_loc.size(0));
-  TORCH_CHECK(num_tokens <= std::numeric_limits<int32_t>::max(), "query has too many tokens: ",
-              num_tokens);
   const at::Tensor table = block_tables.contiguous();
   const at::Tensor lens_t = seq_lens.contiguous();
   const at::Tensor qsl_t = query_start_loc.contiguous();
-  check_seq_lens_and_blocks(table, lens_t, key_cache.size(0), p.block_size, /*min_len=*/0);
+  attention::check_seq_lens_and_blocks(table, lens_t, key_cache.size(0), p.block_size,
+                                       /*min_len=*/0);
+  attention::check_query_start_loc(qsl_t, lens_t, num_tokens);
   const int32_t* lens = lens_t.data_ptr<int32_t>();
   const int32_t* qsl = qsl_t.data_ptr<int32_t>();
-  TORCH_CHECK(qsl[0] == 0, "query_start_loc[0] must be 0, got ", qsl[0]);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(qsl[s + 1] >= qsl[s], "query_start_loc must be nondecreasing, got ",
-                "query_start_loc[", s, "] = ", qsl[s], " > query_start_loc[", s + 1,
-                "] = ", qsl[s + 1]);
-    TORCH_CHECK(qsl[s + 1] - qsl[s] <= lens[s], "sequence ", s, " has ", qsl[s + 1] - qsl[s],
-                " new tokens (query_start_loc) but seq_lens[", s, "] = ", lens[s]);
-  }
-  TORCH_CHECK(qsl[num_seqs] == num_tokens, "query_start_loc[", num_seqs, "] = ", qsl[num_seqs],
-              " must equal the number of query tokens ", num_tokens);
   p.block_tables = table.data_ptr<int32_t>();
   p.block_tables_stride = table.size(1);
 

@@ -31,7 +31,8 @@ def _attend(
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
     if soft_cap:
         scores = soft_cap * torch.tanh(scores / soft_cap)
-    key_pos = torch.arange(k.shape[0])
+    key_pos = torch.arange(k.shape[0], device=k.device)
+    positions = positions.to(k.device)
     distance = positions[:, None] - key_pos[None, :]  # [n, seq_len]
     visible = distance >= 0
     if sliding_window is not None and sliding_window >= 0:
@@ -52,7 +53,7 @@ def paged_attention_decode(
     soft_cap: float | None = None,
 ) -> torch.Tensor:
     """query [num_seqs, num_heads, head_size]; the token of sequence i is at seq_lens[i] - 1."""
-    out = torch.empty(query.shape, dtype=query.dtype)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for i, seq_len in enumerate(seq_lens.tolist()):
         k = _gather(key_cache, block_tables[i], seq_len)
         v = _gather(value_cache, block_tables[i], seq_len)
@@ -76,7 +77,7 @@ def paged_attention_prefill(
 ) -> torch.Tensor:
     """query [num_tokens, num_heads, head_size] packed by query_start_loc; the q_len new tokens of
     sequence i are the last q_len of its seq_lens[i] cached tokens."""
-    out = torch.empty(query.shape, dtype=query.dtype)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         q = query[starts[i] : starts[i + 1]]
