@@ -45,4 +45,8 @@ void gelu_and_mul_cpu(at::Tensor& out, const at::Tensor& input, c10::string_view
 void dense_linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                       std::optional<at::Tensor> bias);
 
+// ---- quant -----------------------------------------------------------------------------------
+void gguf_linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+                     int64_t qtype, std::optional<at::Tensor> bias);
+
 }  // namespace sagellm

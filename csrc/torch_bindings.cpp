@@ -67,4 +67,13 @@ TORCH_LIBRARY(sagellm, m) {
   // all, fp32 accumulation. Built for decode-sized M (1..~16): streams the weight once.
   m.def(
       "dense_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
+
+  // ---- quant (csrc/quant/) ---------------------------------------------------------------
+  // out [M, N] = input [M, K] @ dequant(weight)^T (+ bias [N]) with the weight kept in a GGUF
+  // block format: weight uint8 [N, row_bytes], each row the K / block_elems blocks of GGML
+  // type `qtype` exactly as stored in the .gguf file (Q4_0=2, Q4_1=3, Q5_0=6, Q5_1=7, Q8_0=8,
+  // Q4_K=12, Q5_K=13, Q6_K=14). input/out/bias: fp32 or bf16; input rows may be strided.
+  // The CPU kernel quantizes input rows to int8 blocks of 32 on the fly (as llama.cpp does).
+  m.def(
+      "gguf_linear(Tensor(a!) out, Tensor input, Tensor weight, int qtype, Tensor? bias) -> ()");
 }

@@ -47,7 +47,7 @@ def set_cuda_index_checks(on: bool) -> None:
 
 # Importing the families registers every op's fake kernel, so torch.compile can trace any op
 # as soon as sagellm.ops is imported.
-from sagellm.ops import activation, attention, cache, linear, norm, rotary  # noqa: E402
+from sagellm.ops import activation, attention, cache, linear, norm, quant, rotary  # noqa: E402
 
 __all__ = [
     "activation",
@@ -58,6 +58,7 @@ __all__ = [
     "cuda_index_checks",
     "linear",
     "norm",
+    "quant",
     "rotary",
     "set_cpu_isa",
     "set_cuda_index_checks",

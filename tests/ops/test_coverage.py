@@ -23,6 +23,7 @@ FAMILIES = {
     "silu_and_mul": "activation",
     "gelu_and_mul": "activation",
     "dense_linear": "linear",
+    "gguf_linear": "quant",
 }
 
 
