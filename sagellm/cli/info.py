@@ -31,6 +31,7 @@ def collect() -> dict:
             "cuda_available": torch.cuda.is_available(),
         },
         "native": ops.build_info(),
+        "gguf_weights": gguf_weights(),
         "backends": backends(),
         "engines": engines(),
     }
@@ -39,6 +40,27 @@ def collect() -> dict:
             torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
         ]
     return info
+
+
+def gguf_weights() -> dict:
+    """GGUF weight type -> what multiplies with it on the CPU when a GGUF model loads with
+    --dtype auto: the gguf_linear kernel variant, or dense (dequantized at load)."""
+    from gguf import GGMLQuantizationType
+
+    from sagellm.models.gguf_loader import DEQUANTIZABLE_TYPES
+    from sagellm.models.layers.linear import gguf_native_types
+    from sagellm.ops import quant
+
+    native = gguf_native_types("cpu")
+    out = {}
+    for t in sorted(DEQUANTIZABLE_TYPES, key=int):
+        if int(t) in native:
+            out[t.name] = f"gguf_linear {quant.gguf_kernel(int(t))}"
+        elif t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            out[t.name] = "dense"
+        else:
+            out[t.name] = "dense (dequantized at load)"
+    return out
 
 
 def backends() -> dict:
@@ -81,6 +103,18 @@ def _render_backend(d: dict) -> str:
     return " — ".join(parts)
 
 
+def _render_gguf(kernels: dict) -> list[str]:
+    """Kernel types one per line; the many dequantized-at-load types on one line."""
+    lines = [f"  {t:<12}  {k}" for t, k in kernels.items() if k.startswith("gguf_linear")]
+    lines.append(f"  {'F32/F16/BF16':<12}  dense")
+    rest = [t for t, k in kernels.items() if k.startswith("dense (")]
+    if rest:
+        lines.append(f"  {'others':<12}  dense (dequantized at load): {' '.join(rest)}")
+    if any(k.startswith("gguf_linear") for k in kernels.values()):
+        lines.append(f"  {'':<12}  token embeddings: looked-up rows dequantized per step")
+    return lines
+
+
 def render(info: dict) -> str:
     nat = info["native"]
     lines = [
@@ -100,6 +134,8 @@ def render(info: dict) -> str:
         f"  CUDA        {'sm ' + nat['cuda_arches'] if nat['cuda'] else 'not built'}",
         f"  Ascend      {'built' if nat['ascend'] else 'not built'}",
         f"  built with  torch {nat['torch_version']}",
+        "GGUF weights  (CPU, --dtype auto; a named --dtype dequantizes all)",
+        *_render_gguf(info["gguf_weights"]),
         "backends      (entry-point group sagellm.backends)",
         *(_render_backend(d) for d in info["backends"].values()),
         "engines       (entry-point group sagellm.engines)",

@@ -17,7 +17,8 @@ from torch import nn
 
 from sagellm.models.config import ModelConfig
 from sagellm.models.errors import CorruptCheckpointError
-from sagellm.models.layers.linear import Linear
+from sagellm.models.gguf_loader import GGUFWeight
+from sagellm.models.layers.linear import GGUFWeights, Linear
 from sagellm.models.layers.norm import RMSNorm
 
 
@@ -57,14 +58,18 @@ class CausalLM(nn.Module):
     def tied_embeddings(self) -> bool:
         return bool(self.config.tie_word_embeddings)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load checkpoint tensors by their Hugging Face names; every parameter must be set."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | GGUFWeight]]) -> None:
+        """Load checkpoint tensors by their Hugging Face names; every parameter must be set.
+
+        A GGUFWeight (GGUF blocks kept as stored) switches the Linear it lands in to GGUFWeights
+        before anything is loaded into it; anywhere else it is dequantized.
+        """
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
         fused = [(re.compile(p), r, s) for p, r, s in self.fused_names]
         ignored = [re.compile(p) for p in self.ignored_names]
         transposed = [re.compile(p) for p in self.transposed_names]
+        plan = []
         for name, tensor in weights:
             if any(p.search(name) for p in ignored):
                 continue
@@ -78,11 +83,19 @@ class CausalLM(nn.Module):
                     target, shard = pattern.sub(repl, name), s
                     break
             mod_name, _, leaf = target.rpartition(".")
-            module = modules.get(mod_name)
+            plan.append((name, target, mod_name, modules.get(mod_name), leaf, shard, tensor))
+        for *_, module, leaf, _, tensor in plan:
+            if isinstance(module, Linear) and leaf == "weight" and isinstance(tensor, GGUFWeight):
+                module.use_method(GGUFWeights())
+        loaded: set[str] = set()
+        for name, target, mod_name, module, leaf, shard, tensor in plan:
             if isinstance(module, Linear) and leaf in ("weight", "bias"):
                 (module.load_weight if leaf == "weight" else module.load_bias)(tensor, shard)
                 loaded.add(f"{mod_name}.{leaf}" + (f"[{shard}]" if shard else ""))
-            elif isinstance(module, RMSNorm) and leaf == "weight":
+                continue
+            if isinstance(tensor, GGUFWeight):
+                tensor = tensor.dequantize(self.dtype)
+            if isinstance(module, RMSNorm) and leaf == "weight":
                 module.load_weight(tensor)
                 loaded.add(target)
             elif target in params:
@@ -97,6 +110,9 @@ class CausalLM(nn.Module):
                 raise CorruptCheckpointError(
                     f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
                 )
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.finish_loading()
         missing = sorted(set(self.expected_weights()) - loaded)
         if missing:
             shown = ", ".join(missing[:6]) + (

@@ -8,7 +8,8 @@ from torch import nn
 
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.attention import PagedAttention
-from sagellm.models.layers.linear import Linear, empty_embedding
+from sagellm.models.layers.direct_call import DirectCall
+from sagellm.models.layers.linear import Embedding, Linear
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
 from sagellm.models.llama import GatedMLP, LlamaForCausalLM
@@ -18,8 +19,19 @@ def is_sliding(cfg: ModelConfig, i: int) -> bool:
     return cfg.layer_types[i] == "sliding_attention"
 
 
-class Gemma3Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+def rotaries_for(cfg: ModelConfig, device) -> dict[bool, RotaryEmbedding]:
+    """The two rotary tables (sliding layers: local base, no scaling), shared by all layers: the
+    cos/sin cache is 32 MB per table at 32k positions and head size 256."""
+    d = cfg.head_size
+    local = RotaryEmbedding(
+        d, d, cfg.max_position, cfg.rope_local_theta or 10000.0, None, device=device
+    )
+    full = RotaryEmbedding(d, d, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device=device)
+    return {True: local, False: full}
+
+
+class Gemma3Attention(DirectCall, nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
         super().__init__()
         h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         kw = dict(dtype=dtype, device=device)
@@ -37,11 +49,7 @@ class Gemma3Attention(nn.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
         sliding = is_sliding(cfg, i)
-        if sliding:
-            base, scaling = cfg.rope_local_theta or 10000.0, None
-        else:
-            base, scaling = cfg.rope_theta, cfg.rope_scaling
-        self.rotary = RotaryEmbedding(d, d, cfg.max_position, base, scaling, device=device)
+        self.rotary = rotary
         self.attn = PagedAttention(
             h,
             kh,
@@ -52,7 +60,7 @@ class Gemma3Attention(nn.Module):
         )
 
     def forward(self, positions, x, kv_cache, meta):
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split_with_sizes(self.sizes, dim=-1)
         d = self.head_size
         q = self.q_norm(q.reshape(-1, d)).view(-1, self.sizes[0])
         k = self.k_norm(k.reshape(-1, d)).view(-1, self.sizes[1])
@@ -60,11 +68,11 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+class Gemma3DecoderLayer(DirectCall, nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
         super().__init__()
         kw = dict(dtype=dtype, device=device, offset=1.0)
-        self.self_attn = Gemma3Attention(cfg, i, dtype, device)
+        self.self_attn = Gemma3Attention(cfg, i, dtype, device, rotary)
         self.mlp = GatedMLP(
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, False, i, dtype, device
         )
@@ -80,14 +88,18 @@ class Gemma3DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(h)
 
 
-class Gemma3Model(nn.Module):
+class Gemma3Model(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
-        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.embed_tokens = Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, name="embed_tokens"
+        )
         # HF multiplies by sqrt(hidden) rounded to the model dtype.
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype).item()
+        rotary = rotaries_for(cfg, device)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
+            Gemma3DecoderLayer(cfg, i, dtype, device, rotary[is_sliding(cfg, i)])
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device, offset=1.0

@@ -1,8 +1,10 @@
 """GGUF files: header, hyper-parameters, and tensors under their Hugging Face names.
 
 Two levels. `iter_gguf_raw` yields each tensor as stored (quantized blocks untouched) under its
-transformers name, for layers that will keep GGUF weights quantized. `load_gguf_weights` builds on
-it and dequantizes with `gguf.quants.dequantize` into the requested dtype.
+transformers name. `load_gguf_weights` builds on it: tensors of the types named in `keep_types`
+stay as the file stores them (a `GGUFWeight`: uint8 rows of blocks, for layers that multiply with
+the native gguf_linear kernel); every other tensor is dequantized with `gguf.quants.dequantize`
+into the requested dtype.
 
 The header is parsed here rather than with `gguf.GGUFReader`: the reader builds a numpy view per
 string, which takes 2-4 s for SmolLM2's 98k vocabulary and merge strings, longer than dequantizing
@@ -22,9 +24,9 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -429,30 +431,77 @@ def dequantize_raw(t: RawGGUFTensor, dtype: torch.dtype) -> torch.Tensor:
     return out.to(dtype).contiguous()
 
 
+@dataclass(frozen=True)
+class GGUFWeight:
+    """A 2-d weight kept in its GGUF block format: what a quantized layer stores.
+
+    `data`: uint8 [rows, bytes per row], contiguous and owned (not a view of the file): row r is
+    the blocks of row r exactly as the file stores them (Q/K rows already in transformers' order).
+    `qtype`: the GGML type id. `shape`: the logical (rows, columns) of `data`. `transposed`: the
+    transformers parameter is the transpose of `data` (gpt2 Conv1D); `t()` flips it, as
+    CausalLM.load_weights does for those names, so a layer sees an (out, in) weight when False.
+    """
+
+    name: str
+    data: torch.Tensor
+    qtype: int
+    shape: tuple[int, int]
+    transposed: bool = False
+
+    @property
+    def type_name(self) -> str:
+        return GGMLQuantizationType(self.qtype).name
+
+    def t(self) -> GGUFWeight:
+        return replace(self, transposed=not self.transposed)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense transformers parameter, in `dtype` (for a place with no quantized kernel)."""
+        out = torch.from_numpy(
+            np.asarray(dequantize(self.data.numpy(), GGMLQuantizationType(self.qtype)))
+        ).reshape(self.shape)
+        return (out.T if self.transposed else out).to(dtype).contiguous()
+
+
+def _keep_raw(t: RawGGUFTensor) -> GGUFWeight:
+    data = t.data if t.data.flags.writeable and t.data.flags.c_contiguous else t.data.copy()
+    rows, cols = t.shape
+    return GGUFWeight(t.name, torch.from_numpy(data), int(t.ggml_type), (rows, cols), t.transposed)
+
+
 def load_gguf_weights(
     f: GGUFFile,
     config: ModelConfig,
     dtype: torch.dtype,
     progress: bool = False,
     workers: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(transformers name -> tensor in `dtype`, transformers name -> stored type name).
+    keep_types: Collection[int] = (),
+) -> tuple[dict[str, torch.Tensor | GGUFWeight], dict[str, str]]:
+    """(transformers name -> tensor, transformers name -> stored type name).
 
-    Tensors are dequantized on a thread pool: numpy releases the GIL in its array kernels.
+    A 2-d tensor whose GGML type id is in `keep_types` comes back as a GGUFWeight (its blocks
+    copied out of the file, untouched); every other tensor is dequantized to a tensor in
+    `dtype`, on a thread pool: numpy releases the GIL in its array kernels.
     """
     raws = list(iter_gguf_raw(f, config))
+    kept = {t.name for t in raws if int(t.ggml_type) in keep_types and len(t.shape) == 2}
     for t in raws:  # fail before any work, naming the first tensor of an unsupported type
-        if t.ggml_type not in DEQUANTIZABLE_TYPES:
+        if t.name not in kept and t.ggml_type not in DEQUANTIZABLE_TYPES:
             dequantize_raw(t, dtype)
     from tqdm import tqdm
 
     bar = tqdm(total=len(raws), desc="Loading GGUF weights", unit="tensor", disable=not progress)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | GGUFWeight] = {}
     workers = workers or min(8, os.cpu_count() or 1)
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         # biggest first, so the pool does not end on one large tensor
         order = sorted(raws, key=lambda t: -t.data.nbytes)
-        futures = {pool.submit(dequantize_raw, t, dtype): t.name for t in order}
+        futures = {}
+        for t in order:
+            if t.name in kept:
+                futures[pool.submit(_keep_raw, t)] = t.name
+            else:
+                futures[pool.submit(dequantize_raw, t, dtype)] = t.name
         for fut in as_completed(futures):
             out[futures[fut]] = fut.result()
             bar.update()

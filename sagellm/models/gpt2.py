@@ -9,7 +9,7 @@ from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.activation import activation
 from sagellm.models.layers.attention import PagedAttention
-from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
+from sagellm.models.layers.linear import Embedding, Linear
 from sagellm.models.layers.norm import LayerNorm
 
 
@@ -46,8 +46,8 @@ class GPT2LMHeadModel(CausalLM):
         e = config.hidden_size
         kw = dict(dtype=dtype, device=device)
         self.transformer = nn.Module()
-        self.transformer.wte = empty_embedding(config.vocab_size, e, dtype, device)
-        self.transformer.wpe = empty_embedding(config.max_position, e, dtype, device)
+        self.transformer.wte = Embedding(config.vocab_size, e, name="wte", **kw)
+        self.transformer.wpe = Embedding(config.max_position, e, name="wpe", **kw)
         self.transformer.h = nn.ModuleList(
             GPT2Block(config, i, dtype, device) for i in range(config.num_layers)
         )
@@ -67,5 +67,6 @@ class GPT2LMHeadModel(CausalLM):
         return t.ln_f(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.transformer.wte.weight if self.tied_embeddings() else self.lm_head.weight
-        return dense_matmul(hidden, w).float()
+        if self.tied_embeddings():
+            return self.transformer.wte.unembed(hidden).float()
+        return self.lm_head(hidden).float()

@@ -9,7 +9,8 @@ from sagellm.models.base import CausalLM
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.activation import gated_activation
 from sagellm.models.layers.attention import AttentionMetadata, PagedAttention
-from sagellm.models.layers.linear import Linear, dense_matmul, empty_embedding
+from sagellm.models.layers.direct_call import DirectCall
+from sagellm.models.layers.linear import Embedding, Linear
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
 
@@ -21,8 +22,17 @@ def layer_window(cfg: ModelConfig, i: int) -> int | None:
     return None
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+def rotary_for(cfg: ModelConfig, device) -> RotaryEmbedding:
+    """One rotary table for every layer (the cos/sin cache is 2 MB per 8k positions)."""
+    d = cfg.head_size
+    rot_dim = int(d * (cfg.partial_rotary_factor or 1.0))
+    return RotaryEmbedding(
+        d, rot_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device=device
+    )
+
+
+class LlamaAttention(DirectCall, nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
         super().__init__()
         h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         self.sizes = [h * d, kh * d, kh * d]
@@ -41,15 +51,12 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
-        rot_dim = int(d * (cfg.partial_rotary_factor or 1.0))
-        self.rotary = RotaryEmbedding(
-            d, rot_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling, device=device
-        )
+        self.rotary = rotary
         self.attn = PagedAttention(h, kh, d, d**-0.5, sliding_window=layer_window(cfg, i))
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split(self.sizes, dim=-1)
+        q, k, v = qkv.split_with_sizes(self.sizes, dim=-1)
         if self.qk_norm:
             d = self.head_size
             q = self.q_norm(q.reshape(-1, d)).view(-1, self.sizes[0])
@@ -58,7 +65,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(DirectCall, nn.Module):
     def __init__(self, hidden: int, inter: int, act: str, bias: bool, i: int, dtype, device):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
@@ -76,11 +83,11 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device):
+class LlamaDecoderLayer(DirectCall, nn.Module):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.self_attn = LlamaAttention(cfg, i, dtype, device)
+        self.self_attn = LlamaAttention(cfg, i, dtype, device, rotary)
         self.mlp = GatedMLP(
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias, i, dtype, device
         )
@@ -98,12 +105,15 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(DirectCall, nn.Module):
     def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
-        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.embed_tokens = Embedding(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, name="embed_tokens"
+        )
+        rotary = rotary_for(cfg, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, dtype, device, rotary) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
@@ -140,7 +150,7 @@ class LlamaForCausalLM(CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.tied_embeddings():
-            logits = dense_matmul(hidden, self.model.embed_tokens.weight).float()
+            logits = self.model.embed_tokens.unembed(hidden).float()
         else:
             logits = self.lm_head(hidden).float()
         cap = self.config.final_logit_softcapping

@@ -2,18 +2,27 @@
 
 A layer never touches its weight tensors directly: a `WeightMethod` creates them, loads
 checkpoint tensors into them (including the shards of fused projections such as qkv or
-gate_up), and applies the product. Dense storage is the method today; the quantization issue adds
-methods that keep GGUF blocks or int8/int4/fp8 weights with native GEMMs, without touching the
-model code.
+gate_up), and applies the product. Two methods: `DenseWeights` (a tensor in the model dtype) and
+`GGUFWeights` (the GGUF file's blocks, multiplied by the native gguf_linear kernel). A layer
+takes the method its checkpoint tensors call for (CausalLM.load_weights switches a layer to
+GGUFWeights when it is given a GGUFWeight), so model code never names one.
+
+`Embedding` is a Linear read by rows: the token table, which a tied LM head multiplies with.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 from torch import nn
 
+from sagellm.models.gguf_loader import GGUFWeight
+from sagellm.models.layers.direct_call import DirectCall
 from sagellm.ops import linear as linear_ops
+from sagellm.ops import quant as quant_ops
 
 
 class WeightMethod:
@@ -28,6 +37,13 @@ class WeightMethod:
         raise NotImplementedError
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, layer: Linear) -> None:
+        """Called once every shard is loaded."""
+
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """W[ids] in the layer dtype: [*ids.shape, in_features] (an embedding lookup)."""
         raise NotImplementedError
 
 
@@ -55,10 +71,11 @@ class DenseWeights(WeightMethod):
     name = "dense"
 
     def create(self, layer: Linear) -> None:
+        # A shape without storage until the first tensor is loaded: a layer that ends up with
+        # another method (GGUF blocks) never holds a dense copy, not even briefly (untouched
+        # pages would still be reused heap, resident, after the loader's temporaries).
         layer.weight = nn.Parameter(
-            torch.empty(
-                layer.out_features, layer.in_features, dtype=layer.dtype, device=layer.device
-            ),
+            torch.empty(layer.out_features, layer.in_features, dtype=layer.dtype, device="meta"),
             requires_grad=False,
         )
 
@@ -69,13 +86,158 @@ class DenseWeights(WeightMethod):
             raise ValueError(
                 f"weight for {layer.describe(shard)} has shape {tuple(weight.shape)}, expected {expected}"
             )
+        if layer.weight.is_meta:
+            layer.weight = nn.Parameter(
+                torch.empty(layer.weight.shape, dtype=layer.dtype, device=layer.device),
+                requires_grad=False,
+            )
         layer.weight.data[start : start + size].copy_(weight)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return dense_matmul(x, layer.weight, layer.bias)
 
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
 
-class Linear(nn.Module):
+
+def gguf_native_types(device: torch.device | str) -> frozenset[int]:
+    """GGML type ids whose weights can stay in their block format on `device`: those the
+    gguf_linear op has a kernel for there (none when the extension lacks the op)."""
+    key = torch.device(device).type.upper()
+    if not hasattr(torch.ops.sagellm, "gguf_linear") or not (
+        torch._C._dispatch_has_kernel_for_dispatch_key("sagellm::gguf_linear", key)
+    ):
+        return frozenset()
+    return frozenset(quant_ops.GGUF_BLOCKS)
+
+
+class GGUFWeights(WeightMethod):
+    """The GGUF file's blocks, uint8 [rows, row_bytes], multiplied by gguf_linear (activations
+    rounded to int8 blocks on the fly, weights never expanded).
+
+    Shards of a fused projection that share a type are concatenated into one tensor, so qkv or
+    gate_up is one kernel call; where they differ (Gemma 3 stores q and k as Q5_0 and v as Q8_0)
+    each run of equal types is a part that writes its own columns of the output. A shard the file
+    stores as F32/F16 (rare) is a dense part in the layer dtype.
+    """
+
+    name = "gguf"
+
+    def create(self, layer: Linear) -> None:
+        layer.weight = None
+        self._loaded: dict[str | None, GGUFWeight | torch.Tensor] = {}
+        # (first output column, columns, qtype or None for a dense part, the tensor)
+        self.parts: list[tuple[int, int, int | None, torch.Tensor]] = []
+        # The one quantized part of most layers, with the bias and the op, bound once: a decode
+        # step calls apply ~120 times, so attribute lookups through nn.Module add up.
+        self._single: tuple | None = None
+
+    def load(self, layer: Linear, shard: str | None, weight) -> None:
+        start, size = layer.shard_range(shard)
+        expected = (size, layer.in_features)
+        if isinstance(weight, GGUFWeight):
+            if weight.transposed:
+                raise ValueError(
+                    f"weight for {layer.describe(shard)} is a transposed GGUF tensor; its blocks "
+                    "run along the other dimension, so it cannot be multiplied as (out, in)"
+                )
+            if weight.qtype not in quant_ops.GGUF_BLOCKS:
+                raise ValueError(
+                    f"weight for {layer.describe(shard)} has GGML type id {weight.qtype}, which "
+                    f"gguf_linear has no kernel for (it has: {sorted(quant_ops.GGUF_BLOCKS)})"
+                )
+            if tuple(weight.shape) == expected:
+                need = (size, quant_ops.gguf_row_bytes(weight.qtype, layer.in_features))
+                if tuple(weight.data.shape) != need or weight.data.dtype != torch.uint8:
+                    raise ValueError(
+                        f"weight for {layer.describe(shard)} is {weight.data.dtype} "
+                        f"{tuple(weight.data.shape)}; {weight.type_name} needs uint8 {need}"
+                    )
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"weight for {layer.describe(shard)} has shape {tuple(weight.shape)}, "
+                f"expected {expected}"
+            )
+        if shard in self._loaded:
+            raise ValueError(f"weight for {layer.describe(shard)} is loaded twice")
+        self._loaded[shard] = weight
+
+    def finish(self, layer: Linear) -> None:
+        order = list(layer._shards) or [None]
+        missing = [s for s in order if s not in self._loaded]
+        if missing:  # CausalLM.load_weights names what is missing; nothing to build yet
+            return
+        runs: list[list[str | None]] = []
+        for shard in order:
+            if runs and _qtype(self._loaded[runs[-1][-1]]) == _qtype(self._loaded[shard]):
+                runs[-1].append(shard)
+            else:
+                runs.append([shard])
+        for i, run in enumerate(runs):
+            parts = [self._loaded[s] for s in run]
+            qtype = _qtype(parts[0])
+            if qtype is None:
+                data = torch.cat([p.to(layer.dtype) for p in parts])
+            else:
+                data = torch.cat([p.data for p in parts]) if len(parts) > 1 else parts[0].data
+            param = nn.Parameter(data.to(layer.device).contiguous(), requires_grad=False)
+            layer.register_parameter("qweight" if len(runs) == 1 else f"qweight{i}", param)
+            start = layer.shard_range(run[0])[0] if run[0] is not None else 0
+            self.parts.append((start, data.shape[0], qtype, param))
+        self._loaded.clear()
+        if len(self.parts) == 1 and self.parts[0][2] is not None:
+            _, _, qtype, w = self.parts[0]
+            self._single = (torch.ops.sagellm.gguf_linear.default, w, qtype, layer.bias)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, layer.in_features)
+        if self._single is not None:
+            op, w, qtype, bias = self._single
+            out = x2.new_empty((x2.shape[0], w.shape[0]))
+            op(out, x2, w, qtype, bias)
+        else:
+            out = self._apply_parts(layer, x2)
+        return out if flat else out.view(*x.shape[:-1], layer.out_features)
+
+    def _apply_parts(self, layer: Linear, x2: torch.Tensor) -> torch.Tensor:
+        bias = layer.bias
+        if len(self.parts) == 1:  # a whole layer stored F32/F16
+            return dense_matmul(x2, self.parts[0][3], bias)
+        out = x2.new_empty((x2.shape[0], layer.out_features))
+        for start, size, qtype, w in self.parts:
+            cols = out[:, start : start + size]
+            b = None if bias is None else bias[start : start + size]
+            if qtype is None:
+                cols.copy_(dense_matmul(x2, w, b))
+            else:
+                quant_ops.gguf_linear(x2, w, qtype, b, out=cols)
+        return out
+
+    def rows(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) != 1:
+            raise ValueError(f"{layer.layer_name}: a table in several parts cannot be looked up")
+        _, _, qtype, w = self.parts[0]
+        if qtype is None:
+            return F.embedding(ids, w)
+        # Only the looked-up rows are expanded: a step reads a few rows of a table that, dense,
+        # would be 4-8x its file size (Gemma 3 270M: 262k x 640). numpy's dequantizer costs
+        # ~30 us for one row, noise beside a decode step.
+        picked = w.index_select(0, ids.reshape(-1)).cpu().numpy()
+        dense = dequantize(picked, GGMLQuantizationType(qtype))
+        out = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+        return out.to(device=ids.device, dtype=layer.dtype).view(*ids.shape, layer.in_features)
+
+    def describe(self) -> list[tuple[int | None, int]]:
+        """(qtype or None for dense, rows) of each part, in output order."""
+        return [(qtype, size) for _, size, qtype, _ in self.parts]
+
+
+def _qtype(w: GGUFWeight | torch.Tensor) -> int | None:
+    return w.qtype if isinstance(w, GGUFWeight) else None
+
+
+class Linear(DirectCall, nn.Module):
     """y = x W^T + b, with W [out_features, in_features].
 
     `shards` names the output slices of a fused projection, e.g. [("q", 576), ("k", 192),
@@ -128,8 +290,21 @@ class Linear(nn.Module):
     def describe(self, shard: str | None) -> str:
         return f"{self.layer_name}[{shard}]" if shard else self.layer_name
 
-    def load_weight(self, weight: torch.Tensor, shard: str | None = None) -> None:
+    def use_method(self, method: WeightMethod) -> None:
+        """Store the weight with `method` instead (before any of it is loaded)."""
+        if self.method.name == method.name:
+            return
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.method = method
+        method.create(self)
+
+    def load_weight(self, weight, shard: str | None = None) -> None:
+        """Load a checkpoint tensor (or GGUFWeight) into the whole layer or one shard."""
         self.method.load(self, shard, weight)
+
+    def finish_loading(self) -> None:
+        self.method.finish(self)
 
     def load_bias(self, bias: torch.Tensor, shard: str | None = None) -> None:
         if self.bias is None:
@@ -145,8 +320,16 @@ class Linear(nn.Module):
         return self.method.apply(self, x)
 
 
-def empty_embedding(num: int, dim: int, dtype: torch.dtype, device) -> nn.Embedding:
-    """An embedding table left uninitialised (the checkpoint fills it; random init of a 262k
-    vocabulary would cost seconds)."""
-    w = torch.empty(num, dim, dtype=dtype, device=device)
-    return nn.Embedding(num, dim, _weight=w, _freeze=True)
+class Embedding(Linear):
+    """A [num, dim] table read by rows (`forward(ids)`: [*ids.shape, dim]); a tied LM head
+    multiplies with the same table (`unembed(x)`: x @ table.T). Stored by a weight method like any
+    Linear, so a GGUF table stays quantized and the head runs gguf_linear on it."""
+
+    def __init__(self, num: int, dim: int, *, dtype, device, name: str = ""):
+        super().__init__(dim, num, dtype=dtype, device=device, name=name)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.method.rows(self, ids)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
