@@ -3,7 +3,7 @@
 #   make test  — install everything, then run the test suite
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-PROMPT ?= What is the capital of France?
+PROMPT ?= Tell me the capital of France.
 TORCH_VERSION ?= 2.13.0
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 

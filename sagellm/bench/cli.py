@@ -1,8 +1,11 @@
 """`sage-llm bench` / `python -m sagellm.bench`: the op microbenchmark command line.
 
 `bench op NAME ...` times a sageLLM kernel and its pure-torch reference (and, for attention,
-torch SDPA) in the same run, over the cartesian product of every comma-separated option, and
-reports time, GB/s, GFLOP/s and the fraction of the copy bandwidth it measured at start.
+torch SDPA on a fused backend) in the same run, over the cartesian product of every
+comma-separated option, and reports time, GB/s (TB/s on a GPU), GFLOP/s, the fraction of the
+copy bandwidth it measured at start, for attention the fraction of the bf16 GEMM rate it measured
+too, and each baseline's time over the kernel's. On CUDA the default shapes are large (the inputs
+are well past L2) and the L2 cache is flushed before every timed call.
 
 The top-level CLI mounts this with:
     bench = subcommands.add_parser("bench"); add_arguments(bench); bench.set_defaults(func=run)
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from sagellm import ops
 from sagellm.bench import report, throughput
 from sagellm.bench.op_cases import OPS, PARAM_FLAGS, CaseConfig, case_params, validate
-from sagellm.bench.timing import copy_bandwidth_gb_s, time_callable
+from sagellm.bench.timing import copy_bandwidth_gb_s, gemm_tflops, time_callable
 
 DTYPES = {
     "bf16": torch.bfloat16,
@@ -128,7 +131,11 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_op_command(subcommands: argparse._SubParsersAction) -> None:
-    defaults = "\n".join(f"  {op:<24} {report.shape_label(case_params(op, {}))}" for op in OPS)
+    defaults = "\n".join(
+        f"  {op:<24} {report.shape_label(case_params(op, {}))}\n"
+        f"  {'':<24} cuda: {report.shape_label(case_params(op, {}, 'cuda'))}"
+        for op in OPS
+    )
     parser = subcommands.add_parser(
         "op",
         help="time one op (or all) against its pure-torch reference",
@@ -209,7 +216,7 @@ def sweep_configs(
         names = [name for name in OPS[op].defaults if name in given]
         for dtype in dtypes:
             for values in itertools.product(*(given[name] for name in names)):
-                params = case_params(op, dict(zip(names, values, strict=True)))
+                params = case_params(op, dict(zip(names, values, strict=True)), device)
                 configs.append(CaseConfig(op, dtype, device, params, seed))
     return configs
 
@@ -229,7 +236,9 @@ def _settings(threads: int | None, cpu_isa: str | None):
         ops.set_cpu_isa(isa_before)
 
 
-def _run_case(cfg: CaseConfig, args: argparse.Namespace, copy_bw: float) -> dict[str, Any]:
+def _run_case(
+    cfg: CaseConfig, args: argparse.Namespace, copy_bw: float, gemm: float | None = None
+) -> dict[str, Any]:
     case = OPS[cfg.op].build(cfg)
     timed = {"kernel": case.kernel}
     if args.reference:
@@ -240,16 +249,22 @@ def _run_case(cfg: CaseConfig, args: argparse.Namespace, copy_bw: float) -> dict
         name: time_callable(fn, cfg.device, warmup=args.warmup, iters=args.iters)
         for name, fn in timed.items()
     }
-    return report.make_record(cfg, case, timings, copy_bw)
+    return report.make_record(cfg, case, timings, copy_bw, gemm)
 
 
 def run_configs(
     configs: list[CaseConfig], args: argparse.Namespace
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Measure copy bandwidth, then every config: (machine context, records, errors)."""
+    """Measure copy bandwidth (and, when a case counts FLOPs, the bf16 GEMM rate), then every
+    config: (machine context, records, errors)."""
     device = configs[0].device
-    copy_bw = copy_bandwidth_gb_s(device, mib=args.copy_mib)
+    repeats = 20 if device.type == "cuda" else 5  # a GPU copy takes ~0.1 ms: take more samples
+    copy_bw = copy_bandwidth_gb_s(device, mib=args.copy_mib, repeats=repeats)
     context = report.machine_context(device, copy_bw, args.copy_mib)
+    gemm = None
+    if any(cfg.op.startswith("paged_attention") for cfg in configs):
+        gemm = gemm_tflops(device)
+        context["gemm_bf16_tflop_s"] = gemm
     records, errors = [], []
     progress = tqdm(
         configs, desc="bench op", unit="case", file=sys.stderr, disable=len(configs) < 2 or None
@@ -257,7 +272,7 @@ def run_configs(
     for cfg in progress:
         progress.set_postfix_str(f"{cfg.op} {report.shape_label(cfg.params)}", refresh=False)
         try:
-            records.append(_run_case(cfg, args, copy_bw))
+            records.append(_run_case(cfg, args, copy_bw, gemm))
         except (RuntimeError, NotImplementedError, ValueError) as exc:
             # One unsupported case (an op not built, a head size not compiled) must not hide
             # the rest of a sweep; it is reported and makes the exit status non-zero.
@@ -272,7 +287,7 @@ def run_configs(
             )
     # Measured again at the end: a large drift means something else used the memory bus or the
     # cores during the run, so its numbers are noisy.
-    copy_bw_end = copy_bandwidth_gb_s(device, mib=args.copy_mib)
+    copy_bw_end = copy_bandwidth_gb_s(device, mib=args.copy_mib, repeats=repeats)
     context["copy_bw_end_gb_s"] = copy_bw_end
     if max(copy_bw, copy_bw_end) > 1.25 * min(copy_bw, copy_bw_end):
         print(
@@ -295,12 +310,12 @@ def run_plan(
 
     with _settings(args.threads, args.cpu_isa):
         context, records, errors = run_configs(configs, args)
-    report.print_report(context, records)
     for error in errors:
         shape = report.shape_label(error["params"])
         print(f"error: {error['op']} {error['dtype']} {shape}: {error['error']}", file=sys.stderr)
     if args.output:
         report.write_json(args.output, context, records, errors)
+    report.print_report(context, records)  # the table last
     return 1 if errors else 0
 
 

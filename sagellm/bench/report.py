@@ -75,7 +75,11 @@ def machine_context(device: torch.device, copy_bw_gb_s: float, copy_mib: int) ->
 
 
 def _throughput(
-    timing: Timing, bytes_moved: int, flops: int | None, copy_bw_gb_s: float
+    timing: Timing,
+    bytes_moved: int,
+    flops: int | None,
+    copy_bw_gb_s: float,
+    gemm_tflop_s: float | None = None,
 ) -> dict[str, Any]:
     seconds = timing.median_ms * 1e-3
     gb_s = bytes_moved / seconds / 1e9
@@ -87,6 +91,8 @@ def _throughput(
     }
     if flops is not None:
         figures["gflop_s"] = flops / seconds / 1e9
+        if gemm_tflop_s:
+            figures["fraction_of_gemm"] = figures["gflop_s"] / (gemm_tflop_s * 1e3)
     return figures
 
 
@@ -95,13 +101,17 @@ def make_record(
     case: OpCase,
     timings: dict[str, Timing],
     copy_bw_gb_s: float,
+    gemm_tflop_s: float | None = None,
 ) -> dict[str, Any]:
     """One JSON record: the kernel's figures at top level, each baseline's in its own key.
 
     `timings` holds "kernel" and optionally "reference" and "sdpa"; a baseline's kernel_speedup
     is its median time over the kernel's (above 1: the sageLLM kernel is faster).
+    fraction_of_gemm (cases that count FLOPs, when the GEMM rate was measured): GFLOP/s over the
+    bf16 GEMM rate measured in the same run.
     """
     kernel = timings["kernel"]
+    work = (case.bytes_moved, case.flops, copy_bw_gb_s, gemm_tflop_s)
     record: dict[str, Any] = {
         "op": cfg.op,
         "params": dict(cfg.params),
@@ -109,14 +119,16 @@ def make_record(
         "device": str(cfg.device),
         "cpu_isa": ops.cpu_isa(),
         "bytes_moved": case.bytes_moved,
-        **_throughput(kernel, case.bytes_moved, case.flops, copy_bw_gb_s),
+        **_throughput(kernel, *work),
         "copy_bw_gb_s": copy_bw_gb_s,
     }
+    if gemm_tflop_s:
+        record["gemm_tflop_s"] = gemm_tflop_s
     if case.flops is not None:
         record["flops"] = case.flops
     for name in ("reference", "sdpa"):
         if name in timings:
-            baseline = _throughput(timings[name], case.bytes_moved, case.flops, copy_bw_gb_s)
+            baseline = _throughput(timings[name], *work)
             baseline["kernel_speedup"] = timings[name].median_ms / kernel.median_ms
             record[name] = baseline
     if case.notes:
@@ -140,50 +152,63 @@ def shape_label(params: dict[str, int]) -> str:
 
 
 _IMPL_NAMES = {"kernel": "sagellm", "reference": "torch ref", "sdpa": "torch sdpa"}
-_HEADER = (
-    "op",
-    "dtype",
-    "shape",
-    "impl",
-    "ms med",
-    "ms min",
-    "GB/s",
-    "of copy",
-    "GFLOP/s",
-    "speedup",
-)
 LEGEND = (
-    "GB/s and GFLOP/s at the median time; 'of copy' = GB/s / measured copy bandwidth (above 100%: "
-    "data served from cache); speedup = baseline time / sagellm time"
+    "GB/s (TB/s on a GPU) and GFLOP/s (TFLOP/s) at the median time; 'of copy' = bandwidth / "
+    "measured copy bandwidth (above 100%: data served from cache); 'of GEMM' = FLOP rate / "
+    "measured bf16 GEMM rate; speedup = baseline time / sagellm time"
 )
 
 
-def _row(first: bool, record: dict[str, Any], impl: str, figures: dict[str, Any]) -> list[str]:
+def _header(gpu: bool) -> tuple[str, ...]:
+    bw, fl = ("TB/s", "TFLOP/s") if gpu else ("GB/s", "GFLOP/s")
+    return (
+        "op",
+        "dtype",
+        "shape",
+        "impl",
+        "ms med",
+        "ms min",
+        bw,
+        "of copy",
+        fl,
+        "of GEMM",
+        "speedup",
+    )
+
+
+def _row(
+    first: bool, record: dict[str, Any], impl: str, figures: dict[str, Any], gpu: bool
+) -> list[str]:
     lead = [record["op"], record["dtype"], shape_label(record["params"])] if first else ["", "", ""]
+    scale = 1e-3 if gpu else 1.0
     gflop = figures.get("gflop_s")
+    of_gemm = figures.get("fraction_of_gemm")
     speedup = figures.get("kernel_speedup")
     return [
         *lead,
         _IMPL_NAMES[impl],
         f"{figures['time_ms']['median']:.3f}",
         f"{figures['time_ms']['min']:.3f}",
-        f"{figures['gb_s']:.1f}",
+        f"{figures['gb_s'] * scale:.{2 if gpu else 1}f}",
         f"{100 * figures['fraction_of_copy_bw']:.0f}%",
-        f"{gflop:.1f}" if gflop is not None else "-",
+        f"{gflop * scale:.1f}" if gflop is not None else "-",
+        f"{100 * of_gemm:.0f}%" if of_gemm is not None else "-",
         f"{speedup:.2f}" if speedup is not None else "",
     ]
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """Aligned text table, one row per implementation (sageLLM kernel, then its baselines)."""
-    rows = [list(_HEADER)]
+    gpu = any(str(r.get("device", "")).startswith("cuda") for r in records)
+    header = _header(gpu)
+    rows = [list(header)]
     for record in records:
-        rows.append(_row(True, record, "kernel", record))
+        rows.append(_row(True, record, "kernel", record, gpu))
         for impl in ("reference", "sdpa"):
             if impl in record:
-                rows.append(_row(False, record, impl, record[impl]))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
-    numeric_from = _HEADER.index("ms med")
+                rows.append(_row(False, record, impl, record[impl], gpu))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    numeric_from = header.index("ms med")
 
     def fmt(row: list[str]) -> str:
         cells = [
@@ -203,6 +228,8 @@ def format_context(context: dict[str, Any]) -> str:
     copy = f"copy bandwidth {context['copy_bw_gb_s']:.1f} GB/s"
     if "copy_bw_end_gb_s" in context:
         copy += f" (end of run: {context['copy_bw_end_gb_s']:.1f})"
+    if "gemm_bf16_tflop_s" in context:
+        copy += f", bf16 GEMM {context['gemm_bf16_tflop_s']:.1f} TFLOP/s"
     return (
         f"{where} | {context['device']}, {context['threads']} threads, CPU ISA "
         f"{context['cpu_isa']} | {copy}, {context['copy_buffer_mib']} MiB buffers | "
@@ -229,5 +256,5 @@ def print_report(context: dict[str, Any], records: list[dict[str, Any]], file=No
     file = file or sys.stdout
     print(format_context(context), file=file)
     if records:
-        print(format_table(records), file=file)
         print(LEGEND, file=file)
+        print(format_table(records), file=file)

@@ -73,10 +73,17 @@ def _batch1_figures(start: float, times: list[float], expected: int) -> dict[str
     }
 
 
+def _is_embedding(module: torch.nn.Module) -> bool:
+    # torch's, or sageLLM's (a Linear read by rows, with `unembed` for a tied LM head).
+    if isinstance(module, torch.nn.Embedding):
+        return True
+    return hasattr(module, "unembed") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
 def weight_bytes(model: torch.nn.Module, tied: bool) -> int:
     """Bytes a batch-1 decode step reads: every parameter once, except an untied input
     embedding, of which a step reads a single row."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embeddings = {id(m.weight) for m in model.modules() if _is_embedding(m)}
     return sum(
         p.numel() * p.element_size()
         for p in model.parameters()  # shared (tied) parameters come once
@@ -89,11 +96,17 @@ def run_sagellm(args: argparse.Namespace, source: ModelSource, work: Workload) -
     from sagellm.runtime.engine import LLMEngine
     from sagellm.runtime.params import SamplingParams
 
-    longest = max(len(p) + n for p, n in zip(work.prompts, work.output_lens))
+    warmup_tokens = 4
+    longest = max(
+        *(len(p) + n for p, n in zip(work.prompts, work.output_lens)),
+        *(len(p) + warmup_tokens for p in work.warmup_prompts),
+        len(work.batch1_prompt) + work.batch1_output_len,
+    )
     optional = {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory_gb": args.kv_cache_gb,
+        "enforce_eager": getattr(args, "enforce_eager", False) or None,
     }
     engine = LLMEngine(
         EngineConfig(
@@ -101,7 +114,7 @@ def run_sagellm(args: argparse.Namespace, source: ModelSource, work: Workload) -
             dtype=args.dtype,
             device=args.device,
             # Sized to this workload so the KV cache is not reserved for 8k-token sequences.
-            max_model_len=max(longest, len(work.batch1_prompt) + work.batch1_output_len),
+            max_model_len=longest,
             num_threads=args.threads,
             load_progress=False,
             **{key: value for key, value in optional.items() if value is not None},
@@ -111,7 +124,7 @@ def run_sagellm(args: argparse.Namespace, source: ModelSource, work: Workload) -
         "load_time_s": engine.load_time_s,
         "weight_bytes": weight_bytes(engine.model, engine.model.tied_embeddings()),
     }
-    engine.generate(work.warmup_prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.generate(work.warmup_prompts, SamplingParams(max_tokens=warmup_tokens, ignore_eos=True))
     params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
     outs = engine.generate(work.prompts, params)
@@ -125,9 +138,16 @@ def run_sagellm(args: argparse.Namespace, source: ModelSource, work: Workload) -
     if metrics:
         result["batch"]["mean_ttft_ms"] = sum(m.ttft_ms for m in metrics) / len(metrics)
         result["batch"]["mean_tpot_ms"] = sum(m.tpot_ms for m in metrics) / len(metrics)
-    result["stats"] = {
-        k: v for k, v in engine.stats().items() if k in ("steps", "preemptions", "peak_mem_mb")
-    }
+    kept = ("steps", "preemptions", "peak_mem_mb", "cuda_graph_replays", "kv_capacity_tokens")
+    result["stats"] = {k: v for k, v in engine.stats().items() if k in kept}
+    result["stats"]["dtype"] = str(engine.dtype).removeprefix("torch.")
+    result["stats"]["kv_cache_gb"] = engine.runner.kv_cache_bytes() / 2**30
+    result["stats"]["max_num_seqs"] = engine.config.max_num_seqs
+    result["stats"]["max_num_batched_tokens"] = engine.config.max_num_batched_tokens
+    if engine.runner.graphs is not None:
+        result["stats"]["cuda_graph_buckets"] = engine.runner.graphs.buckets
+        result["stats"]["cuda_graph_capture_s"] = engine.graph_capture_s
+        result["stats"]["cuda_graph_memory_mb"] = engine.graph_memory_mb
     if args.batch_1:
         sp = SamplingParams(max_tokens=work.batch1_output_len, ignore_eos=True)
         rid = engine.add_request(work.batch1_prompt, sp)
@@ -195,7 +215,9 @@ def run_transformers(args: argparse.Namespace, source: ModelSource, work: Worklo
             where, folder = {}, source.path
         if args.device != "cpu":
             where["device_map"] = args.device  # straight to the GPU, no host copy of 8B weights
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[args.dtype], **where)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=DTYPES[args.dtype], attn_implementation="sdpa", **where
+        )
         model = model.to(args.device).eval()
         _sync(args.device)
         result: dict[str, Any] = {

@@ -1,7 +1,12 @@
-"""Timing primitives for the op microbenchmarks: device sync, a per-call timer, copy bandwidth.
+"""Timing primitives for the op microbenchmarks: device sync, a per-call timer, copy bandwidth
+and the dense GEMM rate (the two rooflines the benchmarks compare against).
 
 Every figure here is measured; nothing is derived from a spec sheet. On CUDA each call is
-bracketed by events (the GPU's own clock, no host launch jitter); on the CPU by perf_counter_ns.
+bracketed by events (the GPU's own clock) and preceded by a write over a buffer several times the
+L2 cache: that evicts the previous call's inputs, so an op is timed from memory as in a model
+step (weights, KV and activations of a real step do not stay in L2), and the GPU is busy with the
+flush while the host launches the call, so host launch overhead is not timed either. On the CPU
+calls are timed with perf_counter_ns.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ import torch
 AUTO_BUDGET_S = 1.0
 AUTO_MIN_ITERS = 3
 AUTO_MAX_ITERS = 200
+# Bytes written before each timed CUDA call: H100/H200 have 50/60 MB of L2.
+L2_FLUSH_BYTES = 256 * 2**20
+
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,19 @@ def _time_calls_cpu(fn: Callable[[], object], iters: int) -> list[float]:
     return samples
 
 
+def _l2_flush(device: torch.device) -> torch.Tensor:
+    key = torch.device(device.type, device.index if device.index is not None else 0)
+    if key not in _flush_buffers:
+        _flush_buffers[key] = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=key)
+    return _flush_buffers[key]
+
+
 def _time_calls_cuda(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    flush = _l2_flush(device)
     for start, end in zip(starts, ends, strict=True):
+        flush.zero_()
         start.record()
         fn()
         end.record()
@@ -107,3 +125,26 @@ def copy_bandwidth_gb_s(device: torch.device, *, mib: int = 256, repeats: int = 
     dst = torch.empty_like(src)
     timing = time_callable(lambda: dst.copy_(src), device, warmup=1, iters=repeats)
     return 2 * src.numel() * src.element_size() / (timing.min_ms * 1e-3) / 1e9
+
+
+def gemm_tflops(
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    n: int | None = None,
+    repeats: int = 5,
+) -> float:
+    """Best-of-`repeats` rate of an n x n x n torch.matmul in `dtype`, in TFLOP/s (2 n^3 FLOPs
+    per call): the dense tensor-core roofline that compute-bound kernels are compared against.
+    n defaults to 8192 on CUDA (1.1 TFLOP, past any tile-quantisation effect) and 1024 on the
+    CPU (a few hundred ms at most)."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    if n < 1:
+        raise ValueError(f"GEMM size {n} must be at least 1")
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    timing = time_callable(lambda: torch.matmul(a, b, out=out), device, warmup=2, iters=repeats)
+    return 2 * n**3 / (timing.min_ms * 1e-3) / 1e12

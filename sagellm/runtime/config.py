@@ -23,11 +23,18 @@ class EngineConfig:
 
     model: a local directory or .gguf file, a Hugging Face id (from the local cache, or the Hub
         when online), or None for the built-in default (SmolLM2-135M-Instruct, GGUF).
-    dtype: auto | float32 | bfloat16 | float16. auto: float32 on the CPU for GGUF and fp16
-        checkpoints, the checkpoint's own dtype otherwise; bfloat16 on CUDA.
+    dtype: auto | float32 | bfloat16 | float16: the activations' dtype (and the weights', where
+        they are dense). auto: float32 on the CPU for GGUF and fp16 checkpoints, the checkpoint's
+        own dtype otherwise; bfloat16 on CUDA. With auto, a GGUF file's quantized weights stay
+        in their block format wherever gguf_linear has a kernel for them on the device (on the
+        CPU: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); naming a dtype dequantizes all.
     kv_cache_memory_gb: KV cache size; None sizes it from free memory (CPU: a quarter of the
         available RAM, at most 4 GiB; CUDA: kv_cache_fraction of what the weights leave free).
     max_num_batched_tokens: the per-step token budget (chunked prefill splits longer prompts).
+    enforce_eager: on CUDA, run every step eagerly instead of replaying captured CUDA graphs for
+        decode-only steps (the CPU never uses graphs).
+    cuda_graph_max_batch: the largest decode batch captured as a CUDA graph (also bounded by
+        max_num_seqs and max_num_batched_tokens); larger decode batches run eagerly.
     """
 
     model: str | None = None
@@ -45,6 +52,8 @@ class EngineConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     load_progress: bool = True
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
 
     def __post_init__(self) -> None:
         def bad(field: str, value, allowed: str) -> ValueError:
@@ -68,6 +77,8 @@ class EngineConfig:
             raise bad("max_num_batched_tokens", self.max_num_batched_tokens, ">= 1")
         if self.num_threads is not None and self.num_threads < 1:
             raise bad("num_threads", self.num_threads, ">= 1")
+        if self.cuda_graph_max_batch < 1:
+            raise bad("cuda_graph_max_batch", self.cuda_graph_max_batch, ">= 1")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -60,12 +60,17 @@ class LLMEngine:
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
             progress=config.load_progress,
+            # "auto" keeps a GGUF file's block weights as stored wherever gguf_linear runs them
+            # on this device; a dtype named explicitly asks for dense weights in that dtype.
+            quantized_on=self.device if config.dtype == "auto" else None,
         )
         self.model_config, self.tokenizer = ckpt.config, ckpt.tokenizer
         self.source, self.format, self.dtype = ckpt.source, ckpt.format, ckpt.dtype
+        # stored weight type -> (kernel, tensors): what `sage-llm info` and the load log name
+        self.weight_kernels = ckpt.weight_kernels
         self.model = build_model(ckpt.config, self.dtype, self.device)
         self.model.load_weights(ckpt.weights.items())
-        del ckpt  # the dequantized copies are in the model now
+        del ckpt  # the weights are in the model now
         self.load_time_s = time.perf_counter() - t0
 
         max_pos = self.model_config.max_position
@@ -77,6 +82,10 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(self.model, num_blocks, bs, self.device)
+        self.graph_capture_s = 0.0
+        self.graph_memory_mb = 0.0
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_graphs()
         self.eos_token_ids = set(self.tokenizer.eos_token_ids)
         self.counters = EngineCounters()
         self._requests: dict[str, list[Sequence]] = {}
@@ -103,6 +112,19 @@ class LLMEngine:
                 f"{cfg.block_size} tokens ({per_block} bytes each); at least 2 are needed"
             )
         return int(num_blocks)
+
+    def _capture_graphs(self) -> None:
+        """Decode-only steps of up to cuda_graph_max_batch sequences replay CUDA graphs; a decode
+        batch can never exceed max_num_seqs nor the step's token budget."""
+        cfg = self.config
+        largest = min(cfg.cuda_graph_max_batch, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # so that the growth below is the graphs' own memory pool
+        before = torch.cuda.memory_reserved(self.device)
+        self.runner.setup_decode_graphs(largest, self.max_model_len, capture=True)
+        self.graph_memory_mb = (torch.cuda.memory_reserved(self.device) - before) / 2**20
+        self.graph_capture_s = time.perf_counter() - t0
 
     @property
     def num_blocks(self) -> int:
@@ -349,5 +371,6 @@ class LLMEngine:
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "prefix_hit_rate": bm.prefix_hit_rate(),
             "peak_mem_mb": peak_memory_mb(self.device),
+            "cuda_graph_replays": self.runner.num_graph_replays,
             **vars(self.counters),
         }

@@ -69,8 +69,10 @@ class SamplingBatch:
     output_tokens: Tensor | None  # [num_seqs, max_output_len] int64, -1 padded
     generators: list[torch.Generator | None]
     seeded_rows: list[int]  # sampled rows with their own generator
+    seeded_row_index: Tensor | None  # the same rows as an int64 tensor on the device
     unseeded_rows: Tensor | None  # int64 indices of sampled rows on the default generator
     max_num_logprobs: int | None  # None: no row wants logprobs
+    max_token_id: int = -1  # largest id in prompt_tokens / output_tokens (-1: none), host-known
 
     @property
     def uses_penalties(self) -> bool:
@@ -100,7 +102,7 @@ class SamplingBatch:
         device = torch.device(device)
 
         def column(values: list, dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return _to_device(torch.tensor(values, dtype=dtype), device)
 
         greedy = [p.is_greedy for p in params_list]
         all_greedy, any_greedy = all(greedy), any(greedy)
@@ -122,6 +124,7 @@ class SamplingBatch:
             min_p = column(ms, torch.float32)
 
         rep = pres = freq = prompt_t = output_t = None
+        max_token = -1
         if any(p.uses_penalties for p in params_list):
             rep = column([p.repetition_penalty for p in params_list], torch.float32)
             pres = column([p.presence_penalty for p in params_list], torch.float32)
@@ -136,8 +139,9 @@ class SamplingBatch:
                 t if p.repetition_penalty != 1.0 else ()
                 for p, t in zip(params_list, prompt_token_ids, strict=True)
             ]
-            output_t = _padded("output_token_ids", outs, device)
-            prompt_t = _padded("prompt_token_ids", prompts, device)
+            output_t, top_out = _padded("output_token_ids", outs, device)
+            prompt_t, top_prompt = _padded("prompt_token_ids", prompts, device)
+            max_token = max(top_out, top_prompt)
 
         seeded = [i for i, _ in sampled if generators[i] is not None]
         unseeded = [i for i, _ in sampled if generators[i] is None]
@@ -160,27 +164,50 @@ class SamplingBatch:
             output_tokens=output_t,
             generators=list(generators),
             seeded_rows=seeded,
+            seeded_row_index=column(seeded, torch.int64) if seeded else None,
             unseeded_rows=column(unseeded, torch.int64) if unseeded else None,
             max_num_logprobs=max(asked) if asked else None,
+            max_token_id=max_token,
         )
 
 
-def _padded(name: str, rows: Sequence[Sequence[int]], device: torch.device) -> Tensor:
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory, so the copy does not make the
+    host wait for the device (the pinned block is not reused before the copy has run)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _padded(name: str, rows: Sequence[Sequence[int]], device: torch.device) -> tuple[Tensor, int]:
+    """[len(rows), longest] int64, -1 padded, on `device`; and the largest id (-1: none)."""
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), max(width, 1)), -1, dtype=torch.int64)
+    top = -1
     for i, r in enumerate(rows):
         if len(r):
             t = torch.as_tensor(r, dtype=torch.int64)
             if int(t.min()) < 0:
                 raise ValueError(f"{name}[{i}] contains {int(t.min())}: token ids must be >= 0")
+            top = max(top, int(t.max()))
             out[i, : len(r)] = t
-    return out.to(device)
+    return _to_device(out, device), top
 
 
-def token_counts(tokens: Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """tokens: [num_seqs, L] int64, -1 padded -> counts [num_seqs, vocab_size] of ``dtype``."""
-    if tokens.numel() and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} is out of range [0, {vocab_size})")
+def token_counts(
+    tokens: Tensor,
+    vocab_size: int,
+    dtype: torch.dtype = torch.float32,
+    max_token: int | None = None,
+) -> Tensor:
+    """tokens: [num_seqs, L] int64, -1 padded -> counts [num_seqs, vocab_size] of ``dtype``.
+
+    max_token: the largest id in ``tokens`` when the caller knows it; otherwise it is read from
+    the tensor, which on a GPU makes the host wait for the device."""
+    if max_token is None:
+        max_token = int(tokens.max()) if tokens.numel() else -1
+    if max_token >= vocab_size:
+        raise ValueError(f"token id {max_token} is out of range [0, {vocab_size})")
     # Padding goes to a spare last column that is dropped, so scatter_add needs no mask.
     index = tokens.masked_fill(tokens < 0, vocab_size)
     counts = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=dtype, device=tokens.device)
@@ -198,8 +225,9 @@ def apply_penalties(logits: Tensor, batch: SamplingBatch) -> Tensor:
     if not batch.uses_penalties:
         return logits
     vocab = logits.shape[1]
-    out_counts = token_counts(batch.output_tokens, vocab, logits.dtype)
-    seen = (token_counts(batch.prompt_tokens, vocab, logits.dtype) > 0) | (out_counts > 0)
+    top = batch.max_token_id
+    out_counts = token_counts(batch.output_tokens, vocab, logits.dtype, top)
+    seen = (token_counts(batch.prompt_tokens, vocab, logits.dtype, top) > 0) | (out_counts > 0)
     r = batch.repetition_penalty[:, None]
     penalised = torch.where(logits > 0, logits / r, logits * r)
     logits.copy_(torch.where(seen, penalised, logits))
@@ -283,9 +311,12 @@ def _uniforms(batch: SamplingBatch, device: torch.device) -> Tensor:
         u[batch.unseeded_rows] = torch.rand(
             len(batch.unseeded_rows), dtype=torch.float64, device=device
         )
-    for row in batch.seeded_rows:
-        gen = batch.generators[row]
-        u[row] = torch.rand(1, dtype=torch.float64, device=device, generator=gen).squeeze(0)
+    if batch.seeded_rows:
+        draws = [
+            torch.rand(1, dtype=torch.float64, device=device, generator=batch.generators[row])
+            for row in batch.seeded_rows
+        ]
+        u[batch.seeded_row_index] = torch.cat(draws)
     return u
 
 

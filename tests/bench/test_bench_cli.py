@@ -12,14 +12,16 @@ import time
 import pytest
 import torch
 
+from sagellm.bench import report
 from sagellm.bench.cli import add_arguments, main, run
 from sagellm.bench.op_cases import (
     OPS,
     CaseConfig,
     build_paged_attention_decode,
     build_paged_attention_prefill,
+    case_params,
 )
-from sagellm.bench.timing import AUTO_BUDGET_S, AUTO_MIN_ITERS, time_callable
+from sagellm.bench.timing import AUTO_BUDGET_S, AUTO_MIN_ITERS, gemm_tflops, time_callable
 
 # Tiny shapes: every op reads only the flags it knows.
 TINY = [
@@ -57,6 +59,11 @@ def test_each_op_writes_measured_figures(op, tmp_path, capsys):
         assert _positive(record[name]["time_ms"]["median"])
     if op in ATTENTION:
         assert _positive(record["gflop_s"]) and _positive(record["sdpa"]["gflop_s"])
+        # Against the bf16 GEMM rate measured in the same run.
+        gemm = result["context"]["gemm_bf16_tflop_s"]
+        assert _positive(gemm) and record["gemm_tflop_s"] == gemm
+        assert record["fraction_of_gemm"] == pytest.approx(record["gflop_s"] / (gemm * 1e3))
+        assert _positive(record["sdpa"]["fraction_of_gemm"])
     else:
         # Not measured, so absent: no FLOP count for elementwise ops, no SDPA baseline.
         assert "gflop_s" not in record and "sdpa" not in record
@@ -193,3 +200,78 @@ def test_timer_counts_calls_and_measures_time():
     timing = time_callable(lambda: time.sleep(0.02), cpu, warmup=1, iters=None)
     assert AUTO_MIN_ITERS <= timing.iters <= int(AUTO_BUDGET_S / 0.02)
     assert timing.min_ms >= 20
+
+
+def test_cuda_defaults_only_override_known_parameters():
+    for op, spec in OPS.items():
+        assert set(spec.cuda_defaults) <= set(spec.defaults), op
+        assert set(case_params(op, {}, "cuda")) == set(spec.defaults)
+    decode = case_params("paged_attention_decode", {}, "cuda")
+    assert (decode["batch"], decode["context"], decode["heads"], decode["kv_heads"]) == (
+        64,
+        2048,
+        32,
+        8,
+    )
+    prefill = case_params("paged_attention_prefill", {"context": 2048}, "cuda")
+    assert prefill["tokens"] == 2048  # a whole prompt unless --tokens says otherwise
+    assert case_params("rms_norm", {"tokens": 7}, "cuda")["tokens"] == 7
+
+
+def test_gpu_tables_use_tb_s_and_show_the_gemm_fraction():
+    figures = {"time_ms": {"median": 0.5, "min": 0.4}, "gb_s": 3000.0, "fraction_of_copy_bw": 0.9}
+    record = {
+        "op": "paged_attention_prefill",
+        "dtype": "bf16",
+        "device": "cuda",
+        "params": {"batch": 1, "context": 4096},
+        **figures,
+        "gflop_s": 500_000.0,
+        "fraction_of_gemm": 0.6,
+        "sdpa": {**figures, "kernel_speedup": 1.25},
+    }
+    table = report.format_table([record])
+    header, _, kernel, sdpa = table.splitlines()
+    assert "TB/s" in header and "TFLOP/s" in header and "of GEMM" in header
+    assert kernel.split()[-6:] == ["0.500", "0.400", "3.00", "90%", "500.0", "60%"]
+    assert sdpa.split()[-7:] == ["0.500", "0.400", "3.00", "90%", "-", "-", "1.25"]
+
+
+def test_gemm_rate_is_measured():
+    assert _positive(gemm_tflops(torch.device("cpu"), torch.float32, n=64, repeats=2))
+    with pytest.raises(ValueError, match="GEMM size 0"):
+        gemm_tflops(torch.device("cpu"), n=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("tokens", [3, 64])
+def test_cuda_sdpa_baseline_is_fused_and_computes_the_same_attention(tokens):
+    """On a GPU the SDPA baseline must run a fused backend (flash, efficient or cuDNN; never the
+    math one) and still do the op's work: bottom-right causal mask, GQA."""
+    shape = {"batch": 2, "context": 64, "heads": 8, "kv_heads": 2, "head_size": 64}
+    cfg = CaseConfig(
+        "paged_attention_prefill",
+        torch.bfloat16,
+        torch.device("cuda"),
+        {**shape, "block_size": 16, "tokens": tokens},
+    )
+    case = build_paged_attention_prefill(cfg)
+    assert case.notes["sdpa_backend"] in (
+        "flash_attention",
+        "efficient_attention",
+        "cudnn_attention",
+    )
+    sdpa = case.sdpa().transpose(1, 2).reshape(2 * tokens, 8, 64).float()
+    torch.testing.assert_close(sdpa, case.reference().float(), atol=2e-2, rtol=2e-2)
+
+    decode = build_paged_attention_decode(
+        CaseConfig(
+            "paged_attention_decode",
+            torch.bfloat16,
+            torch.device("cuda"),
+            {**shape, "block_size": 16},
+        )
+    )
+    assert decode.notes["sdpa_backend"] != "math"
+    sdpa = decode.sdpa().squeeze(2).float()
+    torch.testing.assert_close(sdpa, decode.reference().float(), atol=2e-2, rtol=2e-2)

@@ -88,8 +88,16 @@ def test_tiny_run_measures_both_backends(tiny_shape, tmp_path, capsys):
     assert any("sorted by output length" in note for note in result["notes"])
     assert _positive(result["context"]["copy_bw_gb_s"]) and "load_avg_1m" in result["context"]
 
+    for name in ("sagellm", "transformers"):
+        b1 = result["backends"][name]["batch_1"]
+        assert b1["fraction_of_roofline"] == pytest.approx(
+            b1["decode_tok_s"] / b1["roofline_tok_s"]
+        )
+    assert result["backends"]["sagellm"]["stats"]["max_num_seqs"] == 64
+
     table = capsys.readouterr().out
     assert "sagellm" in table and "transformers" in table and "x HF out" in table
+    assert "of roofline" in table.splitlines()[-4]  # the table comes last
 
 
 def _tokenizer(result):
@@ -104,11 +112,12 @@ def test_sage_llm_bench_throughput_runs_the_same_command(tiny_shape, tmp_path):
     argv = [
         "throughput", "--shape", TINY.name, "--num-prompts", "2", "--input-len", "5",
         "--output-len", "3", "--backends", "sagellm", "--device", "cpu", "--copy-mib", "8",
-        "--output", str(out),
+        "--enforce-eager", "--output", str(out),
     ]  # fmt: skip
     assert bench_main(argv) == 0
     result = json.loads(out.read_text())
     assert list(result["backends"]) == ["sagellm"]
+    assert result["parameters"]["enforce_eager"] is True
     # Not measured, so absent: no transformers run, no ratio, no batch-1 figures.
     assert result["ratios_vs_transformers"] == {} and result["notes"] == []
     assert "batch_1" not in result["backends"]["sagellm"]
@@ -206,3 +215,21 @@ def test_llamacpp_needs_the_module_and_a_gguf(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         throughput.main(["--backends", "llamacpp", "--shape", "llama3-8b"])
     assert exc.value.code == 2 and "needs a GGUF model" in capsys.readouterr().err
+
+
+def test_weight_bytes_skip_an_untied_input_embedding_in_both_engines():
+    """The roofline counts what one decode step reads: the LM head whole, one embedding row."""
+    from transformers import AutoModelForCausalLM
+
+    from sagellm.bench.throughput_backends import weight_bytes
+    from sagellm.models.config import ModelConfig
+    from sagellm.models.registry import build_model
+
+    hf_config = shapes.transformers_config(TINY_QWEN, 1, 2)
+    embed = TINY_QWEN.vocab_size * TINY_QWEN.hidden_size * 4
+    total = TINY_QWEN.num_parameters() * 4
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    assert weight_bytes(hf, tied=False) == total - embed
+    ours = build_model(ModelConfig.from_hf_dict(hf_config.to_dict()), torch.float32, "cpu")
+    assert weight_bytes(ours, tied=False) == total - embed
+    assert weight_bytes(ours, tied=True) == total

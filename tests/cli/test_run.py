@@ -15,7 +15,10 @@ import pytest
 from tests.tiny_models import DEFAULT_GGUF, default_gguf_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-QUESTION = "What is the capital of France?"
+# Not "What is the capital of France?": there the model's first token is a close call ("The"
+# leads "L" by 0.08 nats dense) that rounding the activations to int8, as the default GGUF path
+# and llama.cpp both do, tips to "L'Étoile, ..." (llama.cpp answers the same on this file).
+QUESTION = "Tell me the capital of France."
 
 
 def sage_llm(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
