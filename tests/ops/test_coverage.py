@@ -27,6 +27,11 @@ FAMILIES = {
 }
 
 
+# Ops whose CUDA kernel an open issue still owes; the engine keeps them off the GPU (GGUF weights
+# are dequantized there). The test fails as soon as such a kernel lands, so the list stays true.
+CUDA_PENDING = {"gguf_linear": "issue 8: the GGUF block formats on the GPU"}
+
+
 def declared_ops() -> list[str]:
     return sorted(
         {
@@ -46,7 +51,11 @@ def test_op_has_kernels_fake_wrapper_and_reference(op):
     name = f"sagellm::{op}"
     assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), f"{op}: no CPU kernel"
     if ops.build_info()["cuda"]:
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{op}: no CUDA kernel"
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        if op in CUDA_PENDING:
+            assert not has_cuda, f"{op} has a CUDA kernel now: remove it from CUDA_PENDING"
+        else:
+            assert has_cuda, f"{op}: no CUDA kernel"
     assert singleton.find(name).fake_impl.kernel is not None, f"{op}: no fake kernel"
     family = FAMILIES[op]
     wrapper = importlib.import_module(f"sagellm.ops.{family}")
