@@ -79,6 +79,14 @@ class Server:
             time.sleep(0.3)
         pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
 
+    def wait_output(self, text: str, timeout: float = 10) -> str:
+        """The output once it holds `text`: the banner is printed just after the server starts
+        answering /health (up to one event-loop poll later), so readiness alone can race it."""
+        deadline = time.monotonic() + timeout
+        while text not in (out := self.output()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return out
+
     def signal_and_wait(self, sig: int, timeout: float = 30) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
@@ -112,7 +120,7 @@ def test_engine_only_and_gateway_over_http(servers, tmp_path):
     import openai
 
     engine = servers["engine"]
-    assert f"at {engine.url}/v1" in engine.output()  # the one start-up line
+    assert f"at {engine.url}/v1" in engine.wait_output(f"at {engine.url}/v1")  # start-up line
     info = httpx.get(f"{engine.url}/v1/engine/info", timeout=10).json()
     assert info["engine_id"] == "e0" and info["model"] == SERVED_NAME
 
@@ -123,7 +131,8 @@ def test_engine_only_and_gateway_over_http(servers, tmp_path):
     )
     try:
         gw.wait_ready(60)
-        assert f"gateway at {gw.url}/v1 -> {engine.url}" in gw.output()
+        banner = f"gateway at {gw.url}/v1 -> {engine.url}"
+        assert banner in gw.wait_output(banner)
         client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", timeout=60)
         assert [m.id for m in client.models.list().data] == [SERVED_NAME]
         chat = client.chat.completions.create(
