@@ -161,6 +161,8 @@ def run_llamacpp(args: argparse.Namespace, work: dict) -> dict:
         "version": llama_cpp.__version__,
     }
 
+    # The same loop as sagellm.bench.throughput_backends', written again on purpose: importing
+    # that module loads torch into this process and would inflate llama.cpp's measured RSS.
     def generate(prompt: list[int], n: int, clock: list[float] | None = None) -> int:
         llm.reset()
         count = 0
