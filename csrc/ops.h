@@ -15,16 +15,22 @@ namespace sagellm {
 void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
                                 const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                double scale, int64_t sliding_window, double soft_cap);
+                                double scale, int64_t sliding_window, double soft_cap,
+                                const std::optional<at::Tensor>& k_scales,
+                                const std::optional<at::Tensor>& v_scales);
 void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                  const at::Tensor& query_start_loc, double scale,
-                                 int64_t sliding_window, double soft_cap);
+                                 int64_t sliding_window, double soft_cap,
+                                 const std::optional<at::Tensor>& k_scales,
+                                 const std::optional<at::Tensor>& v_scales);
 
 // ---- KV cache --------------------------------------------------------------------------------
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                           at::Tensor& value_cache, const at::Tensor& slot_mapping);
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& k_scales,
+                           const std::optional<at::Tensor>& v_scales);
 void copy_blocks_cpu(const std::vector<at::Tensor>& key_caches,
                      const std::vector<at::Tensor>& value_caches,
                      const at::Tensor& block_mapping);

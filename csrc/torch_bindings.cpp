@@ -19,10 +19,15 @@ TORCH_LIBRARY(sagellm, m) {
   // cache at position seq_lens[i] - 1. sliding_window = -1 disables the window (else a key is
   // visible when q_pos - k_pos < sliding_window); soft_cap = 0 disables logit soft-capping
   // (else s -> soft_cap * tanh(s / soft_cap)).
+  // Quantized KV cache: key_cache/value_cache int8 or float8_e4m3fn, with k_scales/v_scales
+  // fp32 [num_blocks, block_size, num_kv_heads] (one scale per cached token and KV head; the
+  // stored value times its scale is the key/value). Both scales are given iff the cache is
+  // quantized; query/out keep the model dtype.
   m.def(
       "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor key_cache, "
       "Tensor value_cache, Tensor block_tables, Tensor seq_lens, float scale, "
-      "int sliding_window=-1, float soft_cap=0.0) -> ()");
+      "int sliding_window=-1, float soft_cap=0.0, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> ()");
   // out, query: [num_tokens, num_heads, head_size], packed by query_start_loc. The new tokens
   // of sequence i are the last (query_start_loc[i+1] - query_start_loc[i]) of its seq_lens[i]
   // cached tokens, and attend causally to everything before them (cached prefix included), so
@@ -30,13 +35,19 @@ TORCH_LIBRARY(sagellm, m) {
   m.def(
       "paged_attention_prefill(Tensor(a!) out, Tensor query, Tensor key_cache, "
       "Tensor value_cache, Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, "
-      "float scale, int sliding_window=-1, float soft_cap=0.0) -> ()");
+      "float scale, int sliding_window=-1, float soft_cap=0.0, Tensor? k_scales=None, "
+      "Tensor? v_scales=None) -> ()");
 
   // ---- KV cache (csrc/kv_cache/) ---------------------------------------------------------
   // key, value: [num_tokens, num_kv_heads, head_size] -> cache slots slot_mapping[t].
+  // Quantized caches (int8 / float8_e4m3fn) also take k_scales/v_scales fp32
+  // [num_blocks, block_size, num_kv_heads]: each (token, head) row x is stored as
+  // q = x / s with s = max|x| / QMAX (QMAX 127 for int8, rounded half to even; 448 for e4m3,
+  // rounded to nearest even, saturating), s written to the scales (a zero row stores s = 0, q = 0).
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
-      "Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+      "Tensor(b!) value_cache, Tensor slot_mapping, Tensor(c!)? k_scales=None, "
+      "Tensor(d!)? v_scales=None) -> ()");
   // block_mapping int64 [n, 2]: copy block src -> dst in every layer's caches.
   m.def(
       "copy_blocks(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
@@ -76,4 +87,22 @@ TORCH_LIBRARY(sagellm, m) {
   // The CPU kernel quantizes input rows to int8 blocks of 32 on the fly (as llama.cpp does).
   m.def(
       "gguf_linear(Tensor(a!) out, Tensor input, Tensor weight, int qtype, Tensor? bias) -> ()");
+  // out [R, K] (fp32, fp16 or bf16) = the R rows of weight uint8 [R, row_bytes] (GGML type
+  // qtype, as in gguf_linear) dequantized: an embedding lookup of a quantized table reads only
+  // the rows it needs, on the weight's device.
+  m.def("gguf_dequantize(Tensor(a!) out, Tensor weight, int qtype) -> ()");
+  // Weight-only quantized GEMMs (W8A16 / W4A16) for decode-sized and larger M.
+  // out [M, N] = input [M, K] @ W^T (+ bias [N]); input/out/bias fp32, fp16 or bf16 (one dtype).
+  // int8: weight int8 [N, K], W[n, k] = weight[n, k] * scales[n]; scales fp32 [N].
+  m.def(
+      "int8_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor scales, "
+      "Tensor? bias) -> ()");
+  // int4: weight uint8 [N, K / 2], byte j of row n holds k = 2j in its low nibble and k = 2j + 1
+  // in its high nibble; scales fp32 [N, K / group_size]; zeros uint8 [N, K / group_size]
+  // (0..15) or None for 8 (symmetric); W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g] with
+  // g = k / group_size. group_size is 32, 64 or 128 and divides K (AWQ / GPTQ checkpoints are
+  // repacked into this layout at load).
+  m.def(
+      "int4_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor scales, Tensor? zeros, "
+      "int group_size, Tensor? bias) -> ()");
 }

@@ -17,8 +17,13 @@
 #include <cstdint>
 #include <iterator>
 #include <limits>
+#include <optional>
+
+#include "common/kv_quant.h"
 
 namespace sagellm::attention {
+
+using sagellm::KVQuant;
 
 // Head sizes with a compiled kernel on every device.
 inline constexpr int kHeadSizes[] = {64, 80, 96, 128, 256};
@@ -79,8 +84,15 @@ AttentionDims check_attention_inputs(const at::Tensor& out, const at::Tensor& qu
                 query.scalar_type(), "), got ", t.scalar_type());
   };
   check_same_dtype(out, "out");
-  check_same_dtype(key_cache, "key_cache");
-  check_same_dtype(value_cache, "value_cache");
+  // A quantized cache (int8 / float8_e4m3fn) differs from query; check_kv_scales pairs it with
+  // its scales. Every entry calls both checks.
+  if (kv_quant_of(key_cache.scalar_type()) == KVQuant::kNone) {
+    check_same_dtype(key_cache, "key_cache");
+    check_same_dtype(value_cache, "value_cache");
+  } else {
+    TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), "value_cache has dtype ",
+                value_cache.scalar_type(), " but key_cache has dtype ", key_cache.scalar_type());
+  }
   TORCH_CHECK(key_cache.is_contiguous(), "key_cache must be contiguous");
   TORCH_CHECK(value_cache.is_contiguous(), "value_cache must be contiguous");
   TORCH_CHECK(query.stride(2) == 1, "query must have a contiguous head_size dim (stride(2) == 1), ",
@@ -124,6 +136,17 @@ AttentionDims check_attention_inputs(const at::Tensor& out, const at::Tensor& qu
                          ? std::numeric_limits<int32_t>::max()
                          : std::min<int64_t>(sliding_window, std::numeric_limits<int32_t>::max());
   return d;
+}
+
+// The KV storage of a call: kNone (the cache has query's dtype, no scales) or a quantized cache
+// with both k_scales and v_scales fp32 [num_blocks, block_size, num_kv_heads], contiguous, on
+// the cache's device (common/kv_quant.h). `op` names the op in the messages.
+inline KVQuant check_kv_scales(const char* op, const at::Tensor& query,
+                               const at::Tensor& key_cache, const at::Tensor& value_cache,
+                               const std::optional<at::Tensor>& k_scales,
+                               const std::optional<at::Tensor>& v_scales) {
+  return check_kv_cache_scales(op, query.scalar_type(), key_cache, value_cache, k_scales,
+                               v_scales);
 }
 
 // Decode: one query token per sequence.

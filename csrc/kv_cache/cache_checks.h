@@ -10,10 +10,15 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "common/kv_quant.h"
+
 namespace sagellm::checks {
+
+using sagellm::KVQuant;
 
 // ---- reshape_and_cache ------------------------------------------------------------------------
 
@@ -38,8 +43,16 @@ inline void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& val
                 t.scalar_type(), " but key has dtype ", key.scalar_type());
   };
   check_dtype(value, "value");
-  check_dtype(key_cache, "key_cache");
-  check_dtype(value_cache, "value_cache");
+  // A quantized cache (int8 / float8_e4m3fn) differs from key; check_cache_scales pairs it with
+  // its scales. Every entry calls both checks.
+  if (kv_quant_of(key_cache.scalar_type()) == KVQuant::kNone) {
+    check_dtype(key_cache, "key_cache");
+    check_dtype(value_cache, "value_cache");
+  } else {
+    TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
+                ": value_cache has dtype ", value_cache.scalar_type(), " but key_cache has dtype ",
+                key_cache.scalar_type());
+  }
   TORCH_CHECK(key_cache.is_contiguous(), op, ": key_cache must be contiguous");
   TORCH_CHECK(value_cache.is_contiguous(), op, ": value_cache must be contiguous");
   TORCH_CHECK(key.size(2) <= 1 || key.stride(2) == 1, op,
@@ -52,6 +65,17 @@ inline void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& val
               ": slot_mapping has shape ", slot_mapping.sizes(), "; expected [", key.size(0),
               "] (num_tokens)");
   TORCH_CHECK(slot_mapping.is_contiguous(), op, ": slot_mapping must be contiguous");
+}
+
+// The cache's storage: kNone (key's dtype, no scales) or quantized with both k_scales and
+// v_scales fp32 [num_blocks, block_size, num_kv_heads], contiguous, on the cache's device
+// (common/kv_quant.h). A quantized cache takes float32/float16/bfloat16 keys.
+inline KVQuant check_cache_scales(const at::Tensor& key, const at::Tensor& key_cache,
+                                  const at::Tensor& value_cache,
+                                  const std::optional<at::Tensor>& k_scales,
+                                  const std::optional<at::Tensor>& v_scales) {
+  return check_kv_cache_scales("reshape_and_cache", key.scalar_type(), key_cache, value_cache,
+                               k_scales, v_scales);
 }
 
 // Serial, so the error names the first bad entry; -1 marks a token that is not cached.

@@ -1,7 +1,13 @@
 // KV-cache writes and block copies on the CPU. Pure data movement, so plain memcpy: one run of
 // num_kv_heads * head_size elements per token for reshape_and_cache (one per head when the
 // source rows are strided), one block per (cache, pair) for copy_blocks and swap_blocks. Bound by
-// memory bandwidth: bytes moved = 2 x bytes copied.
+// memory bandwidth: bytes moved = 2 x bytes copied. Block copies move bytes, so they serve every
+// cache dtype alike: int8 / float8_e4m3fn caches and their fp32 scale tensors too.
+//
+// A quantized cache (int8 / float8_e4m3fn) is written row by row with the rule of
+// common/kv_quant.h and torch_bindings.cpp, which the CUDA op follows bit for bit: per (token,
+// head) row x in fp32, s = max|x| / QMAX and q = x / s by IEEE division, rounded half to even
+// (int8, clamped to +-127) or converted by c10's round-to-nearest-even e4m3 conversion.
 //
 // Index tensors (slot_mapping, block_mapping) are range-checked serially before any copy, so a
 // bad index raises with its position and value and leaves the caches untouched. The checks are
@@ -10,9 +16,15 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kv_cache/cache_checks.h"
@@ -42,10 +54,81 @@ void check_block_mapping(const at::Tensor& block_mapping, const char* op, int64_
                                      op, src_blocks, dst_blocks);
 }
 
+// Quantizes one row of n elements: dst[i] = x[i] / s, returns s (0 for an all-zero row).
+template <typename T, typename Q>
+float quantize_row(const T* x, Q* dst, int64_t n, float qmax) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(static_cast<float>(x[i])));
+  const float s = amax / qmax;
+  if (s == 0.0f) {
+    std::memset(static_cast<void*>(dst), 0, n * sizeof(Q));
+    return 0.0f;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = static_cast<float>(x[i]) / s;
+    if constexpr (std::is_same_v<Q, int8_t>) {
+      // |q| <= 127 up to one rounding of the division; the clamp absorbs that.
+      dst[i] = static_cast<int8_t>(std::clamp(std::nearbyint(q), -127.0f, 127.0f));
+    } else {
+      dst[i] = Q(q);  // round to nearest even; a q just above 448 rounds (saturates) to 448
+    }
+  }
+  return s;
+}
+
+// Every token's rows of key and value into the quantized caches and their scales.
+template <typename T, typename Q>
+void quantize_tokens(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                     at::Tensor& value_cache, at::Tensor& k_scales, at::Tensor& v_scales,
+                     const int64_t* slots, float qmax) {
+  const int64_t num_tokens = key.size(0);
+  const int64_t heads = key.size(1), head_size = key.size(2);
+  auto* kc = static_cast<Q*>(key_cache.data_ptr());
+  auto* vc = static_cast<Q*>(value_cache.data_ptr());
+  float* ks = k_scales.data_ptr<float>();
+  float* vs = v_scales.data_ptr<float>();
+  const T* k = static_cast<const T*>(key.data_ptr());
+  const T* v = static_cast<const T*>(value.data_ptr());
+  at::parallel_for(0, num_tokens, grain_for(4 * heads * head_size), [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      if (slots[t] < 0) continue;
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t row = slots[t] * heads + h;  // index into [num_slots, heads]
+        ks[row] = quantize_row(k + t * key.stride(0) + h * key.stride(1), kc + row * head_size,
+                               head_size, qmax);
+        vs[row] = quantize_row(v + t * value.stride(0) + h * value.stride(1),
+                               vc + row * head_size, head_size, qmax);
+      }
+    }
+  });
+}
+
+template <typename Q>
+void quantize_dispatch(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, at::Tensor& k_scales, at::Tensor& v_scales,
+                       const int64_t* slots, float qmax) {
+  switch (key.scalar_type()) {
+    case at::kFloat:
+      return quantize_tokens<float, Q>(key, value, key_cache, value_cache, k_scales, v_scales,
+                                       slots, qmax);
+    case at::kHalf:
+      return quantize_tokens<c10::Half, Q>(key, value, key_cache, value_cache, k_scales,
+                                           v_scales, slots, qmax);
+    case at::kBFloat16:
+      return quantize_tokens<c10::BFloat16, Q>(key, value, key_cache, value_cache, k_scales,
+                                               v_scales, slots, qmax);
+    default:
+      TORCH_CHECK(false, "reshape_and_cache: key has dtype ", key.scalar_type(),
+                  "; a quantized cache takes float32, float16 or bfloat16");
+  }
+}
+
 }  // namespace
 
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                           at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& k_scales,
+                           const std::optional<at::Tensor>& v_scales) {
   const char* op = "reshape_and_cache";
   check_cpu(key, op, "key");
   check_cpu(value, op, "value");
@@ -53,6 +136,7 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   check_cpu(value_cache, op, "value_cache");
   check_cpu(slot_mapping, op, "slot_mapping");
   checks::check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
+  const KVQuant quant = checks::check_cache_scales(key, key_cache, value_cache, k_scales, v_scales);
 
   const int64_t num_tokens = key.size(0);
   const int64_t heads = key.size(1), head_size = key.size(2);
@@ -60,6 +144,18 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   checks::check_slot_values(slots, num_tokens, num_slots);
   if (num_tokens == 0 || heads * head_size == 0) return;
+  if (quant != KVQuant::kNone) {
+    // The scales are written (schema c!, d!); a handle copy shares their storage.
+    at::Tensor ks = *k_scales, vs = *v_scales;
+    const float qmax = kv_quant_max(quant);
+    if (quant == KVQuant::kInt8) {
+      quantize_dispatch<int8_t>(key, value, key_cache, value_cache, ks, vs, slots, qmax);
+    } else {
+      quantize_dispatch<c10::Float8_e4m3fn>(key, value, key_cache, value_cache, ks, vs, slots,
+                                            qmax);
+    }
+    return;
+  }
 
   const int64_t esize = key.element_size();
   const int64_t row_bytes = heads * head_size * esize;

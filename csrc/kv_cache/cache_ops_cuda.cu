@@ -5,6 +5,10 @@
 //
 //   reshape_and_cache  one CTA per token: its key and value rows (num_kv_heads x head_size,
 //                      token and head strides as given) -> cache slot slot_mapping[t]; -1 skips.
+//                      Quantized caches (int8 / float8_e4m3fn): one warp per (token, K or V,
+//                      head) row: the row's max |x| by a warp reduction, s = max / QMAX, each
+//                      element x / s rounded as the CPU op does (bit-identical caches), s into
+//                      k_scales / v_scales [slot, head].
 //   copy_blocks        one launch for up to kMaxCaches caches (all layers' key and value caches
 //                      of a model), their pointers passed by value in the kernel parameters, so
 //                      nothing is copied to the device for them and the launch can be captured.
@@ -12,6 +16,8 @@
 //                      of every block of its cache and applies the pairs in order, so a mapping
 //                      whose dst is a later pair's src gives the CPU op's result.
 //   swap_blocks        cudaMemcpyAsync on the current stream, one per run of consecutive blocks.
+// Block copies move bytes, so int8 / e4m3 caches and their fp32 scale tensors (copied as a
+// separate list / call of the same block count) take the same paths.
 //
 // Index values on the device (slot_mapping, a block_mapping on the GPU) are checked on the host
 // only with sagellm.ops.set_cuda_index_checks(True) and never during graph capture; the kernels
@@ -23,6 +29,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +41,7 @@
 #include <vector>
 
 #include "common/index_checks.h"
+#include "common/kv_quant.h"
 #include "kv_cache/cache_checks.h"
 
 namespace sagellm {
@@ -113,6 +123,95 @@ __global__ void __launch_bounds__(kCacheMaxThreads) reshape_and_cache_kernel(
         vc[i] = vr[u];
       }
     }
+  }
+}
+
+// ---- reshape_and_cache into a quantized cache ------------------------------------------------
+
+constexpr int kQuantThreads = 128;  // 4 rows per CTA
+
+struct QuantWriteArgs {
+  const void* key;
+  const void* value;
+  uint8_t* key_cache;  // int8 or e4m3 bytes, [num_slots, heads, head_size]
+  uint8_t* value_cache;
+  float* k_scales;  // [num_slots, heads]
+  float* v_scales;
+  const int64_t* slots;
+  int64_t num_rows;  // num_tokens * 2 * heads: (token, K or V, head)
+  int64_t num_slots;
+  int64_t key_token_stride;  // elements
+  int64_t key_head_stride;
+  int64_t value_token_stride;
+  int64_t value_head_stride;
+  int heads;
+  int head_size;
+  float qmax;
+};
+
+// IEEE operations in inline PTX: the file is built with --use_fast_math, whose flush-to-zero
+// would turn tiny rows (denormal |x| or scales) into zeros where the CPU op keeps them, and
+// whose division is approximate. PTX written here is taken as is.
+__device__ __forceinline__ float abs_ieee(float x) {
+  float y;
+  asm("abs.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float max_ieee(float a, float b) {  // a NaN operand yields the other
+  float y;
+  asm("max.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+__device__ __forceinline__ float div_ieee(float a, float b) {
+  float y;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load_f32(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+// q = x / s stored as int8 (round half to even, clamped to +-127: the division may land a hair
+// above 127) or as e4m3 (round to nearest even, saturating: a hair above 448 gives 448).
+template <KVQuant Q>
+__device__ __forceinline__ uint8_t quantize_elem(float q) {
+  if constexpr (Q == KVQuant::kInt8) {
+    const int v = min(max(__float2int_rn(q), -127), 127);
+    return static_cast<uint8_t>(static_cast<int8_t>(v));
+  } else {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3));
+  }
+}
+
+template <typename T, KVQuant Q>
+__global__ void __launch_bounds__(kQuantThreads) reshape_and_cache_quant_kernel(
+    const QuantWriteArgs a) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (kQuantThreads / 32);
+  for (int64_t row = int64_t{blockIdx.x} * (kQuantThreads / 32) + threadIdx.x / 32;
+       row < a.num_rows; row += warps) {
+    const int64_t t = row / (2 * a.heads);
+    const int rest = static_cast<int>(row - t * 2 * a.heads);
+    const bool is_value = rest >= a.heads;
+    const int h = is_value ? rest - a.heads : rest;
+    const int64_t slot = a.slots[t];
+    if (slot < 0 || slot >= a.num_slots) continue;  // -1: padding token (uniform per warp)
+    const T* x = static_cast<const T*>(is_value ? a.value : a.key) +
+                 t * (is_value ? a.value_token_stride : a.key_token_stride) +
+                 h * (is_value ? a.value_head_stride : a.key_head_stride);
+    float amax = 0.0f;
+    for (int d = lane; d < a.head_size; d += 32) amax = max_ieee(amax, abs_ieee(load_f32(x + d)));
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2)
+      amax = max_ieee(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float s = div_ieee(amax, a.qmax);
+    const int64_t dst_row = slot * a.heads + h;
+    uint8_t* dst = (is_value ? a.value_cache : a.key_cache) + dst_row * a.head_size;
+    // The second read of x hits L1 / L2: the row was just loaded by this warp.
+    for (int d = lane; d < a.head_size; d += 32)
+      dst[d] = s == 0.0f ? uint8_t{0} : quantize_elem<Q>(div_ieee(load_f32(x + d), s));
+    if (lane == 0) (is_value ? a.v_scales : a.k_scales)[dst_row] = s;
   }
 }
 
@@ -219,11 +318,72 @@ void with_unit(int bytes, Fn&& fn) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Instantiations: {fp32, fp16, bf16} keys x {int8, e4m3} caches.
+template <typename T>
+void launch_quant_write(const cache_cuda::QuantWriteArgs& a, KVQuant quant, unsigned blocks,
+                        cudaStream_t stream) {
+  constexpr int kThreads = cache_cuda::kQuantThreads;
+  if (quant == KVQuant::kInt8) {
+    cache_cuda::reshape_and_cache_quant_kernel<T, KVQuant::kInt8>
+        <<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    cache_cuda::reshape_and_cache_quant_kernel<T, KVQuant::kFp8E4M3>
+        <<<blocks, kThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The caller has checked everything (check_reshape_and_cache, check_cache_scales) and that
+// there is something to write.
+void reshape_and_cache_quant(const at::Tensor& key, const at::Tensor& value,
+                             at::Tensor& key_cache, at::Tensor& value_cache,
+                             const at::Tensor& slot_mapping, const at::Tensor& k_scales,
+                             const at::Tensor& v_scales, KVQuant quant) {
+  const char* op = "reshape_and_cache";
+  const int64_t heads = key.size(1), head_size = key.size(2);
+  TORCH_CHECK(heads <= INT_MAX / 2 && head_size <= INT_MAX, op, ": key has too many heads or ",
+              "too large a head_size: ", key.sizes());
+  cache_cuda::QuantWriteArgs a{};
+  a.key = key.data_ptr();
+  a.value = value.data_ptr();
+  a.key_cache = static_cast<uint8_t*>(key_cache.data_ptr());
+  a.value_cache = static_cast<uint8_t*>(value_cache.data_ptr());
+  a.k_scales = k_scales.data_ptr<float>();
+  a.v_scales = v_scales.data_ptr<float>();
+  a.slots = slot_mapping.data_ptr<int64_t>();
+  a.num_rows = key.size(0) * 2 * heads;
+  a.num_slots = key_cache.size(0) * key_cache.size(1);
+  a.key_token_stride = key.stride(0);
+  a.key_head_stride = key.stride(1);
+  a.value_token_stride = value.stride(0);
+  a.value_head_stride = value.stride(1);
+  a.heads = static_cast<int>(heads);
+  a.head_size = static_cast<int>(head_size);
+  a.qmax = kv_quant_max(quant);
+  // Rows beyond the grid are taken in a grid-stride loop.
+  const unsigned blocks = static_cast<unsigned>(
+      std::min<int64_t>(ceil_div(a.num_rows, cache_cuda::kQuantThreads / 32), int64_t{1} << 20));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  switch (key.scalar_type()) {
+    case at::kFloat:
+      return launch_quant_write<float>(a, quant, blocks, stream);
+    case at::kHalf:
+      return launch_quant_write<__half>(a, quant, blocks, stream);
+    case at::kBFloat16:
+      return launch_quant_write<__nv_bfloat16>(a, quant, blocks, stream);
+    default:
+      TORCH_CHECK(false, op, ": key has dtype ", key.scalar_type(),
+                  "; a quantized cache takes float32, float16 or bfloat16");
+  }
+}
+
 }  // namespace
 
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value,
                             at::Tensor& key_cache, at::Tensor& value_cache,
-                            const at::Tensor& slot_mapping) {
+                            const at::Tensor& slot_mapping,
+                            const std::optional<at::Tensor>& k_scales,
+                            const std::optional<at::Tensor>& v_scales) {
   const char* op = "reshape_and_cache";
   TORCH_CHECK(key_cache.device().is_cuda(), op, ": key_cache is on ", key_cache.device(),
               "; this implementation needs CUDA tensors");
@@ -233,6 +393,7 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value,
   check_same_device(value_cache, device, op, "value_cache", "key_cache");
   check_same_device(slot_mapping, device, op, "slot_mapping", "key_cache");
   checks::check_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
+  const KVQuant quant = checks::check_cache_scales(key, key_cache, value_cache, k_scales, v_scales);
 
   const int64_t num_tokens = key.size(0);
   const int64_t heads = key.size(1), head_size = key.size(2);
@@ -243,6 +404,10 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value,
     checks::check_slot_values(host.data_ptr<int64_t>(), num_tokens, num_slots);
   }
   if (num_tokens == 0 || heads * head_size == 0) return;
+  if (quant != KVQuant::kNone) {
+    return reshape_and_cache_quant(key, value, key_cache, value_cache, slot_mapping, *k_scales,
+                                   *v_scales, quant);
+  }
 
   const int64_t esize = key.element_size();
   cache_cuda::CacheWriteArgs a{};

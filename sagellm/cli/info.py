@@ -32,6 +32,7 @@ def collect() -> dict:
         },
         "native": ops.build_info(),
         "gguf_weights": gguf_weights(),
+        "kv_cache_dtypes": kv_cache_dtypes(),
         "backends": backends(),
         "engines": engines(),
     }
@@ -60,6 +61,30 @@ def gguf_weights() -> dict:
             out[t.name] = "dense"
         else:
             out[t.name] = "dense (dequantized at load)"
+    return out
+
+
+def kv_cache_dtypes() -> dict:
+    """--kv-cache-dtype value -> per device present, "ok" or why the kernels refuse it (checked
+    by running a tiny cache write and decode, head_size 128, bf16 queries on CUDA, fp32 on CPU)."""
+    import torch
+
+    from sagellm import ops
+    from sagellm.runtime.config import KV_CACHE_DTYPES
+    from sagellm.runtime.model_runner import probe_kv_cache
+
+    devices = {"cpu": torch.float32}
+    if torch.cuda.is_available() and ops.build_info()["cuda"]:
+        devices["cuda"] = torch.bfloat16
+    out = {}
+    for name, kv in {"auto": None, **KV_CACHE_DTYPES}.items():
+        out[name] = {}
+        for dev, model_dtype in devices.items():
+            if name != "auto" and kv is None:
+                out[name][dev] = "torch lacks this dtype"
+                continue
+            reason = probe_kv_cache(kv or model_dtype, model_dtype, 2, 128, dev)
+            out[name][dev] = "ok" if reason is None else reason
     return out
 
 
@@ -136,6 +161,11 @@ def render(info: dict) -> str:
         f"  built with  torch {nat['torch_version']}",
         "GGUF weights  (CPU, --dtype auto; a named --dtype dequantizes all)",
         *_render_gguf(info["gguf_weights"]),
+        "KV cache      (--kv-cache-dtype; checked on each device)",
+        *(
+            f"  {name:<12}  " + "; ".join(f"{d}: {r}" for d, r in devs.items())
+            for name, devs in info["kv_cache_dtypes"].items()
+        ),
         "backends      (entry-point group sagellm.backends)",
         *(_render_backend(d) for d in info["backends"].values()),
         "engines       (entry-point group sagellm.engines)",

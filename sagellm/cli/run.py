@@ -30,6 +30,12 @@ def add_arguments(p) -> None:
     p.add_argument("--system", default=None, help="a system message for chat models")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "int8", "fp8_e4m3"],
+        help="KV cache storage: the model dtype, or 1-byte int8 / fp8 with scales (auto)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stderr")
@@ -73,6 +79,7 @@ def run(args) -> int:
                 model=args.model,
                 dtype=args.dtype,
                 device=args.device,
+                kv_cache_dtype=args.kv_cache_dtype,
                 num_threads=args.threads,
                 load_progress=sys.stderr.isatty(),
             )

@@ -30,6 +30,7 @@ _SERVE_FLAGS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "kv_cache_memory_gb",
+    "kv_cache_dtype",
     "num_threads",
     "max_concurrent",
     "max_queue",
@@ -85,6 +86,12 @@ def add_serve_arguments(p) -> None:
     p.add_argument(
         "--kv-cache-memory-gb", type=float, default=None, help="(sized from free memory)"
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        default=None,
+        choices=["auto", "int8", "fp8_e4m3"],
+        help="KV cache storage: the model dtype, or 1-byte int8 / fp8 with scales (auto)",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (all cores)")
     _common(p, 8000)
     p.set_defaults(func=run_serve)
@@ -127,6 +134,7 @@ def serve_configs(settings):
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_memory_gb=settings.kv_cache_memory_gb,
+        kv_cache_dtype=settings.kv_cache_dtype,
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,
     )

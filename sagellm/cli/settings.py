@@ -18,6 +18,7 @@ ENV_PREFIX = "SAGELLM_"
 CONFIG_ENV = "SAGELLM_CONFIG"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+KVCacheDtype = Literal["auto", "int8", "fp8_e4m3"]
 Routing = Literal["round_robin", "least_loaded", "prefix_affinity"]
 
 
@@ -55,6 +56,7 @@ class Settings(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=1024, ge=1)
     kv_cache_memory_gb: float | None = Field(default=None, gt=0)
+    kv_cache_dtype: KVCacheDtype = "auto"
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(default=None, ge=1)
     max_concurrent: int = Field(default=64, ge=1)
@@ -196,6 +198,9 @@ max_num_seqs: 64
 max_num_batched_tokens: 1024
 # KV cache size in GiB; null sizes it from free memory.
 kv_cache_memory_gb: null
+# KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (1 byte per value + a scale per
+# token and head: about 2x (bf16) to 4x (fp32) the tokens in the same memory).
+kv_cache_dtype: auto
 enable_prefix_caching: true
 num_threads: null
 

@@ -7,6 +7,7 @@ error naming the field, not a failure deep inside an engine thread.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -74,6 +75,7 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=64, gt=0)
     max_num_batched_tokens: int = Field(default=1024, gt=0)
     kv_cache_memory_gb: float | None = Field(default=None, gt=0)
+    kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3"] = "auto"
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(default=None, gt=0)
@@ -135,6 +137,7 @@ class EngineConfig(BaseModel):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_memory_gb=self.kv_cache_memory_gb,
+            kv_cache_dtype=self.kv_cache_dtype,
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads,

@@ -184,6 +184,8 @@ class LocalEngine(EngineHandle):
             "block_size": eng.config.block_size,
             "kv_blocks": eng.num_blocks,
             "kv_capacity_tokens": eng.kv_capacity_tokens,
+            "kv_cache_dtype": eng.kv_cache_dtype,
+            "attention_kernel": eng.attention_kernel,
             "max_num_seqs": eng.config.max_num_seqs,
             "max_num_batched_tokens": eng.config.max_num_batched_tokens,
             "enable_prefix_caching": eng.config.enable_prefix_caching,

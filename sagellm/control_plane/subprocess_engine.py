@@ -48,6 +48,7 @@ _SETTINGS_ENV = [
     "MAX_NUM_SEQS",
     "MAX_NUM_BATCHED_TOKENS",
     "KV_CACHE_MEMORY_GB",
+    "KV_CACHE_DTYPE",
     "ENABLE_PREFIX_CACHING",
     "NUM_THREADS",
     "MAX_CONCURRENT",
@@ -108,6 +109,7 @@ class SubprocessEngine(EngineHandle):
             "MAX_NUM_SEQS": c.max_num_seqs,
             "MAX_NUM_BATCHED_TOKENS": c.max_num_batched_tokens,
             "KV_CACHE_MEMORY_GB": c.kv_cache_memory_gb,
+            "KV_CACHE_DTYPE": c.kv_cache_dtype,
             "ENABLE_PREFIX_CACHING": "true" if c.enable_prefix_caching else "false",
             "NUM_THREADS": c.num_threads,
         }

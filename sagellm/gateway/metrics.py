@@ -2,7 +2,8 @@
 in the tests, never share counters).
 
 Request-level figures come from the protocol Metrics each response carries; engine gauges (up,
-running, waiting, KV usage) are read from the engine handles when /metrics is scraped.
+running, waiting, KV usage) are read from the engine handles when /metrics is scraped, and so is
+each engine's KV cache dtype and attention kernel (an info gauge: 1 with those as labels).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ class GatewayMetrics:
         self.kv_usage = Gauge(
             "sagellm_kv_cache_usage_ratio", "KV cache blocks in use / total", labels, registry=r
         )
+        self.kv_info = Gauge(
+            "sagellm_kv_cache_info",
+            "1 per engine, labelled with its KV cache dtype and the attention kernel it runs",
+            [*labels, "dtype", "attention_kernel"],
+            registry=r,
+        )
         self._prompt_total = 0
         self._hit_total = 0.0
 
@@ -131,8 +138,12 @@ class GatewayMetrics:
     def render(self, engines, admission: AdmissionQueue) -> bytes:
         self.queue_depth.set(admission.waiting)
         self.running.set(admission.running)
+        self.kv_info.clear()  # an engine restarted with another KV dtype must not show both
         for h in engines:
             labels = (h.engine_id, h.model)
+            info = _kv_info(h)
+            if info is not None:
+                self.kv_info.labels(*labels, *info).set(1)
             self.engine_up.labels(*labels).set(1 if _state_name(h) == "READY" else 0)
             try:
                 load = h.load()
@@ -143,6 +154,17 @@ class GatewayMetrics:
             self.engine_waiting.labels(*labels).set(load.waiting)
             self.kv_usage.labels(*labels).set(load.kv_usage)
         return generate_latest(self.registry)
+
+
+def _kv_info(handle) -> tuple[str, str] | None:
+    """(KV dtype, attention kernel) from the engine's info, None while it has not said."""
+    try:
+        info = handle.info()
+    except Exception:  # an engine that cannot describe itself just has no info gauge
+        return None
+    if "kv_cache_dtype" not in info:
+        return None
+    return str(info["kv_cache_dtype"]), str(info.get("attention_kernel", "unknown"))
 
 
 def _state_name(handle) -> str:

@@ -6,6 +6,11 @@ contiguous. Metadata: block_tables int32 [num_seqs, max_blocks_per_seq], seq_len
 [num_seqs] (tokens in the cache, the new ones included: reshape_and_cache runs first),
 query_start_loc int32 [num_seqs + 1]. num_heads must be a multiple of num_kv_heads (GQA/MQA);
 head_size one of 64, 80, 96, 128, 256; query, caches and out share one dtype (fp32, fp16, bf16).
+
+Quantized KV cache: key_cache/value_cache int8 or float8_e4m3fn (same layout), with k_scales and
+v_scales fp32 [num_blocks, block_size, num_kv_heads], one scale per cached token and KV head; the
+key/value is the stored element times its scale (reshape_and_cache writes both). query and out
+keep the model dtype. Scales are given iff the cache is quantized.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def paged_attention_decode(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context.
 
@@ -43,6 +50,8 @@ def paged_attention_decode(
     sliding_window: a key k is visible from position p iff p - k < sliding_window (None: off).
     soft_cap: scores become soft_cap * tanh(score / soft_cap) (None: off).
     out: [num_seqs, num_heads, head_size], written and returned (allocated when None).
+    k_scales, v_scales: fp32 [num_blocks, block_size, num_kv_heads] for an int8 / float8_e4m3fn
+        cache (required then, refused otherwise).
     """
     if out is None:
         out = torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -56,6 +65,8 @@ def paged_attention_decode(
         scale,
         _window(sliding_window),
         _cap(soft_cap),
+        k_scales,
+        v_scales,
     )
     return out
 
@@ -72,6 +83,8 @@ def paged_attention_prefill(
     sliding_window: int | None = None,
     soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens over each sequence's cached prefix plus themselves.
 
@@ -82,7 +95,7 @@ def paged_attention_prefill(
     key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_size].
     block_tables: int32 [num_seqs, max_blocks_per_seq]; seq_lens: int32 [num_seqs];
     query_start_loc: int32 [num_seqs + 1], starts at 0, nondecreasing, ends at num_tokens.
-    scale, sliding_window, soft_cap: as in paged_attention_decode.
+    scale, sliding_window, soft_cap, k_scales, v_scales: as in paged_attention_decode.
     out: [num_tokens, num_heads, head_size], written and returned (allocated when None).
     """
     if out is None:
@@ -98,11 +111,19 @@ def paged_attention_prefill(
         scale,
         _window(sliding_window),
         _cap(soft_cap),
+        k_scales,
+        v_scales,
     )
     return out
 
 
-def _check_fake(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor) -> None:
+def _check_fake(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
+) -> None:
     torch._check(query.dim() == 3, lambda: f"query must be 3-D, got {tuple(query.shape)}")
     torch._check(
         out.shape == query.shape,
@@ -112,6 +133,27 @@ def _check_fake(out: torch.Tensor, query: torch.Tensor, key_cache: torch.Tensor)
         key_cache.dim() == 4 and key_cache.shape[3] == query.shape[2],
         lambda: f"key_cache {tuple(key_cache.shape)} does not match query {tuple(query.shape)}",
     )
+    _check_scales_fake(key_cache, k_scales, v_scales)
+
+
+_QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def _check_scales_fake(key_cache, k_scales, v_scales) -> None:
+    quantized = key_cache.dtype in _QUANT_KV_DTYPES
+    torch._check(
+        quantized == (k_scales is not None) and quantized == (v_scales is not None),
+        lambda: (
+            f"k_scales/v_scales must be given iff the cache is quantized "
+            f"(key_cache dtype {key_cache.dtype})"
+        ),
+    )
+    for s in (k_scales, v_scales):
+        if s is not None:
+            torch._check(
+                s.shape == key_cache.shape[:3],
+                lambda s=s: f"scales {tuple(s.shape)} must be {tuple(key_cache.shape[:3])}",
+            )
 
 
 @torch.library.register_fake("sagellm::paged_attention_decode")
@@ -125,8 +167,10 @@ def _decode_fake(
     scale,
     sliding_window=-1,
     soft_cap=0.0,
+    k_scales=None,
+    v_scales=None,
 ) -> None:
-    _check_fake(out, query, key_cache)
+    _check_fake(out, query, key_cache, k_scales, v_scales)
 
 
 @torch.library.register_fake("sagellm::paged_attention_prefill")
@@ -141,5 +185,7 @@ def _prefill_fake(
     scale,
     sliding_window=-1,
     soft_cap=0.0,
+    k_scales=None,
+    v_scales=None,
 ) -> None:
-    _check_fake(out, query, key_cache)
+    _check_fake(out, query, key_cache, k_scales, v_scales)

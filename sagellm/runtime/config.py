@@ -16,6 +16,9 @@ DTYPES = {
     "half": torch.float16,
 }
 
+# --kv-cache-dtype values other than auto (the model dtype): the cache's storage dtype.
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": getattr(torch, "float8_e4m3fn", None)}
+
 
 @dataclass
 class EngineConfig:
@@ -35,6 +38,11 @@ class EngineConfig:
         decode-only steps (the CPU never uses graphs).
     cuda_graph_max_batch: the largest decode batch captured as a CUDA graph (also bounded by
         max_num_seqs and max_num_batched_tokens); larger decode batches run eagerly.
+    kv_cache_dtype: auto | int8 | fp8_e4m3: how the KV cache stores keys and values. auto: in the
+        model dtype; int8 / fp8_e4m3: one byte per element plus one fp32 scale per cached token
+        and KV head (symmetric, scale = max|row| / 127 or / 448), so the same memory holds about
+        2x (bf16) to 4x (fp32) as many tokens. A device or build that cannot run it is refused at
+        start-up.
     """
 
     model: str | None = None
@@ -54,6 +62,7 @@ class EngineConfig:
     load_progress: bool = True
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, value, allowed: str) -> ValueError:
@@ -79,6 +88,13 @@ class EngineConfig:
             raise bad("num_threads", self.num_threads, ">= 1")
         if self.cuda_graph_max_batch < 1:
             raise bad("cuda_graph_max_batch", self.cuda_graph_max_batch, ">= 1")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", self.kv_cache_dtype, "auto, int8 or fp8_e4m3")
+        if self.kv_cache_dtype != "auto" and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:
+            raise ValueError(
+                f"kv_cache_dtype = {self.kv_cache_dtype!r} needs torch.float8_e4m3fn, which "
+                f"torch {torch.__version__} lacks"
+            )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -87,6 +103,12 @@ class EngineConfig:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device = 'cuda' but no CUDA device is available")
         return dev
+
+    def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's storage dtype: the model's (auto), int8 or float8_e4m3fn."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
     def resolved_dtype(
         self, checkpoint_dtype: torch.dtype | None, fmt: str, device: torch.device

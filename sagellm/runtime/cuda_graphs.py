@@ -25,7 +25,7 @@ import bisect
 import torch
 
 from sagellm.models.base import CausalLM
-from sagellm.models.layers.attention import AttentionMetadata
+from sagellm.models.layers.attention import AttentionMetadata, KVCache
 from sagellm.runtime.step_inputs import HostBuffers, StepLayout
 
 # Finer steps where padding is a large fraction of the batch.
@@ -47,7 +47,7 @@ class DecodeGraphs:
     def __init__(
         self,
         model: CausalLM,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[KVCache],  # per layer: a tensor, or a QuantizedKVCache
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,

@@ -11,6 +11,7 @@ or `engine.generate(prompts, params)` for an offline batch.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence as Seq
 
@@ -23,7 +24,13 @@ from sagellm.runtime.config import DTYPES, EngineConfig
 from sagellm.runtime.detokenizer import IncrementalDetokenizer
 from sagellm.runtime.errors import ContextLengthExceeded, KVBudgetImpossible, RequestError
 from sagellm.runtime.metrics import EngineCounters, peak_memory_mb, request_metrics
-from sagellm.runtime.model_runner import ModelRunner
+from sagellm.runtime.model_runner import (
+    ModelRunner,
+    attention_kernel_name,
+    check_kv_cache_support,
+    kv_bytes_per_token,
+    kv_dtype_name,
+)
 from sagellm.runtime.outputs import RequestOutput, TokenLogprob
 from sagellm.runtime.params import SamplingParams
 from sagellm.runtime.sampler import make_generators
@@ -32,6 +39,7 @@ from sagellm.runtime.sequence import Sequence, SequenceStatus
 from sagellm.runtime.stop import StopChecker
 
 _CPU_KV_CAP_BYTES = 4 * 2**30
+log = logging.getLogger("sagellm.runtime")
 
 
 def _available_ram() -> int:
@@ -75,13 +83,28 @@ class LLMEngine:
 
         max_pos = self.model_config.max_position
         self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+        # The KV storage: refused here, with the kernels' reason, if this device cannot run it.
+        self.kv_dtype = config.resolved_kv_dtype(self.dtype)
+        check_kv_cache_support(self.model, self.kv_dtype, self.device)
+        self.kv_cache_dtype = kv_dtype_name(self.kv_dtype)
+        self.attention_kernel = attention_kernel_name(self.device, self.kv_dtype)
+        self._kv_bytes_per_token = kv_bytes_per_token(self.model, self.kv_dtype)
         bs = config.block_size
         num_blocks = self._num_blocks()
         self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.kv_dtype)
+        log.info(
+            "KV cache: %s, %d blocks x %d tokens (%d bytes per token, %.1f MiB); attention: %s",
+            self.kv_cache_dtype,
+            num_blocks,
+            bs,
+            self._kv_bytes_per_token,
+            self.runner.kv_cache_bytes() / 2**20,
+            self.attention_kernel,
+        )
         self.graph_capture_s = 0.0
         self.graph_memory_mb = 0.0
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -90,12 +113,11 @@ class LLMEngine:
         self.counters = EngineCounters()
         self._requests: dict[str, list[Sequence]] = {}
         self._ids = itertools.count()
-        self._kv_bytes_per_token = self.model.kv_bytes_per_token()
 
     # -- sizing ------------------------------------------------------------------------------
     def _num_blocks(self) -> int:
         cfg = self.config
-        per_block = self.model.kv_bytes_per_token() * cfg.block_size
+        per_block = self._kv_bytes_per_token * cfg.block_size
         if cfg.kv_cache_memory_gb is not None:
             budget = int(cfg.kv_cache_memory_gb * 2**30)
         elif self.device.type == "cuda":
@@ -369,6 +391,8 @@ class LLMEngine:
             "kv_blocks_cached": bm.allocator.num_cached,
             "kv_usage": bm.usage(),
             "kv_capacity_tokens": self.kv_capacity_tokens,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "attention_kernel": self.attention_kernel,
             "prefix_hit_rate": bm.prefix_hit_rate(),
             "peak_mem_mb": peak_memory_mb(self.device),
             "cuda_graph_replays": self.runner.num_graph_replays,

@@ -1,7 +1,8 @@
 """Turns a scheduled batch into one packed forward pass, then samples.
 
 Owns the model, its paged KV cache (one [2, num_blocks, block_size, kv_heads, head_size] tensor
-per layer), the sampler, the reusable host buffers a step is packed into (step_inputs) and, on
+per layer, or with an int8 / float8_e4m3fn cache a QuantizedKVCache of that tensor plus its fp32
+scales [2, num_blocks, block_size, kv_heads]), the sampler, the reusable host buffers a step is packed into (step_inputs) and, on
 CUDA, the decode graphs (cuda_graphs). Inputs are packed without padding: the step's new tokens of
 every sequence one after another, with the per-step metadata every layer shares; only a
 decode-only step that replays a CUDA graph is padded to the graph's batch size.
@@ -16,13 +17,96 @@ from __future__ import annotations
 
 import torch
 
+from sagellm import ops
 from sagellm.models.base import CausalLM
-from sagellm.models.layers.attention import AttentionMetadata
+from sagellm.models.layers.attention import AttentionMetadata, KVCache, QuantizedKVCache
+from sagellm.ops import attention as attn_ops
+from sagellm.ops import cache as cache_ops
 from sagellm.runtime.cuda_graphs import DecodeGraphs
 from sagellm.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from sagellm.runtime.scheduler import ScheduledBatch
 from sagellm.runtime.sequence import Sequence
 from sagellm.runtime.step_inputs import BlockRows, HostBuffers, StagedStep, stage
+
+_FP8 = getattr(torch, "float8_e4m3fn", None)  # absent from old torch builds
+QUANTIZED_KV_DTYPES = tuple(t for t in (torch.int8, _FP8) if t is not None)
+_KV_NAMES = {torch.int8: "int8", _FP8: "fp8_e4m3"}
+
+
+def kv_dtype_name(kv_dtype: torch.dtype) -> str:
+    """int8, fp8_e4m3, or the model dtype's name (float32, bfloat16, float16)."""
+    return _KV_NAMES.get(kv_dtype) or str(kv_dtype).removeprefix("torch.")
+
+
+def kv_bytes_per_token(model: CausalLM, kv_dtype: torch.dtype) -> int:
+    """Cache bytes one token takes over all layers: with a quantized cache one byte per element
+    plus one fp32 scale per KV head, for keys and values."""
+    if kv_dtype in QUANTIZED_KV_DTYPES:
+        return 2 * model.num_layers * model.num_kv_heads * (model.head_size + 4)
+    return model.kv_bytes_per_token(kv_dtype)
+
+
+def attention_kernel_name(device: torch.device, kv_dtype: torch.dtype) -> str:
+    """Which paged-attention kernel a step runs, e.g. "cpu-avx512 paged attention, int8 KV"."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"cuda-sm{major}{minor}"
+    else:
+        where = f"cpu-{ops.cpu_isa()}"
+    return f"{where} paged attention, {kv_dtype_name(kv_dtype)} KV"
+
+
+def allocate_kv_cache(
+    model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype, device
+) -> KVCache:
+    """One layer's cache. On the CPU never read before written: the kernels only look at slots
+    below each seq_len. On CUDA zeroed (one memset): padding rows of graph steps read slot 0 of
+    block 0 (a zero scale there dequantizes to zeros)."""
+    return _alloc_layer(model.kv_cache_shape(num_blocks, block_size), kv_dtype, device)
+
+
+def _alloc_layer(shape, kv_dtype: torch.dtype, device) -> KVCache:
+    alloc = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+    data = alloc(shape, dtype=kv_dtype, device=device)
+    if kv_dtype not in QUANTIZED_KV_DTYPES:
+        return data
+    return QuantizedKVCache(data, alloc(shape[:-1], dtype=torch.float32, device=device))
+
+
+def probe_kv_cache(
+    kv_dtype: torch.dtype, model_dtype: torch.dtype, num_kv_heads: int, head_size: int, device
+) -> str | None:
+    """Runs one cache write and one decode step of this head shape through the device's kernels
+    with this KV dtype; None when they run and give the right answer, else the reason."""
+    try:
+        layer = _alloc_layer((2, 1, 1, num_kv_heads, head_size), kv_dtype, device)
+        quantized = isinstance(layer, QuantizedKVCache)
+        data = layer.data if quantized else layer
+        kw = {"k_scales": layer.scales[0], "v_scales": layer.scales[1]} if quantized else {}
+        x = torch.ones(1, num_kv_heads, head_size, dtype=model_dtype, device=device)
+        slots = torch.zeros(1, dtype=torch.int64, device=device)
+        cache_ops.reshape_and_cache(x, x, data[0], data[1], slots, **kw)
+        table = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        lens = torch.ones(1, dtype=torch.int32, device=device)
+        out = attn_ops.paged_attention_decode(x, data[0], data[1], table, lens, 1.0, **kw)
+    except (RuntimeError, NotImplementedError) as e:
+        return " ".join(str(e).split())
+    if not torch.allclose(out.float(), x.float(), atol=1e-2):
+        return "the kernels gave a wrong result in the start-up check"
+    return None
+
+
+def check_kv_cache_support(model: CausalLM, kv_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuses at start-up, with the kernels' reason, a KV dtype this device's kernels cannot
+    run for the model's head shape (a head size they lack, a quantized cache on a build without
+    it), instead of failing at the first step."""
+    reason = probe_kv_cache(kv_dtype, model.dtype, model.num_kv_heads, model.head_size, device)
+    if reason is not None:
+        raise ValueError(
+            f"the KV cache dtype {kv_dtype_name(kv_dtype)} cannot run here (head_size "
+            f"{model.head_size}, {model.num_kv_heads} KV heads, model dtype {model.dtype}, "
+            f"device {device}): {reason}"
+        )
 
 
 class ModelRunner:
@@ -35,14 +119,12 @@ class ModelRunner:
         kv_dtype: torch.dtype | None = None,
     ):
         self.model, self.device, self.block_size = model, device, block_size
+        # The model dtype, or int8 / float8_e4m3fn for a quantized cache.
         self.kv_dtype = kv_dtype or model.dtype
-        shape = model.kv_cache_shape(num_blocks, block_size)
         cuda = device.type == "cuda"
-        # On the CPU never read before written: the kernels only look at slots below each seq_len.
-        # On CUDA zeroed (one memset): padding rows of graph steps read slot 0 of block 0.
-        alloc = torch.zeros if cuda else torch.empty
-        self.kv_caches = [
-            alloc(shape, dtype=self.kv_dtype, device=device) for _ in range(model.num_layers)
+        self.kv_caches: list[KVCache] = [
+            allocate_kv_cache(model, num_blocks, block_size, self.kv_dtype, device)
+            for _ in range(model.num_layers)
         ]
         self.sampler = Sampler()
         self.block_rows = BlockRows()
@@ -55,7 +137,10 @@ class ModelRunner:
         self.num_eager_steps = 0
 
     def kv_cache_bytes(self) -> int:
-        return sum(c.numel() * c.element_size() for c in self.kv_caches)
+        return sum(
+            c.nbytes() if isinstance(c, QuantizedKVCache) else c.numel() * c.element_size()
+            for c in self.kv_caches
+        )
 
     # -- CUDA graphs ---------------------------------------------------------------------------
     def setup_decode_graphs(self, max_batch: int, max_model_len: int, capture: bool) -> None:

@@ -12,6 +12,7 @@ import torch
 import sagellm.ops as sagellm_ops
 from sagellm.ops import attention as ops
 from sagellm.ops.reference import attention as ref
+from sagellm.ops.reference import cache as ref_cache
 from tests.ops.tolerances import DTYPES, poisoned, tol
 
 HAVE_CUDA = torch.cuda.is_available() and sagellm_ops.build_info()["cuda"]
@@ -578,3 +579,211 @@ def test_empty_batch_and_zero_length_prefill(device, seeded):
     torch.ops.sagellm.paged_attention_prefill(**{**empty, "query_start_loc": empty_qsl})
     del empty["query_start_loc"]
     torch.ops.sagellm.paged_attention_decode(**empty)
+
+
+# ---- quantized KV cache (int8 / float8_e4m3fn, fp32 scale per cached token and KV head) --------
+# The caches are quantized by the write rule's reference; the op is compared (1) with the
+# reference run on the SAME dequantized cache, to the query dtype's usual tolerance (fp32: 1e-5:
+# only the order of the fp32 rounding differs), and (2) with the reference on the unquantized
+# cache, within QUANT_VS_FP below (what quantization itself costs on N(0, 1) keys and values).
+
+KV_QUANT = [torch.int8, torch.float8_e4m3fn]
+# int8 rounds each element by at most s/2 = max|row| / 254; e4m3 by 2^-4 of the element (3
+# mantissa bits); the keys' error also moves the softmax weights. Measured over all head sizes,
+# GQA ratios and dtypes of these tests (beyond the rtol part): int8 0.029, e4m3 0.114 at worst.
+QUANT_VS_FP = {
+    torch.int8: {"atol": 0.06, "rtol": 0.01},
+    torch.float8_e4m3fn: {"atol": 0.2, "rtol": 0.0625},
+}
+
+
+def quantize_cache(kc, vc, kv_dtype):
+    kq, ks = ref_cache.quantize_kv(kc, kv_dtype)
+    vq, vs = ref_cache.quantize_kv(vc, kv_dtype)
+    return kq, vq, ks, vs
+
+
+def check_quant(
+    kind, seq_lens, heads, head_size, block_size, dtype, kv_dtype, device="cpu", q_lens=None, **kw
+):
+    num_heads, num_kv_heads = heads
+    kc, vc, bt, sl = make_cache(seq_lens, num_kv_heads, head_size, block_size, torch.float32)
+    kq, vq, ks, vs = quantize_cache(kc, vc, kv_dtype)
+    scale = head_size**-0.5
+    if kind == "decode":
+        query = torch.randn(len(seq_lens), num_heads, head_size).to(dtype)
+        extra, op, ref_op = (), ops.paged_attention_decode, ref.paged_attention_decode
+    else:
+        query = torch.randn(sum(q_lens), num_heads, head_size).to(dtype)
+        extra, op, ref_op = (
+            (query_start_loc(q_lens),),
+            ops.paged_attention_prefill,
+            (ref.paged_attention_prefill),
+        )
+    out = poisoned(*query.shape, dtype=dtype, device=device)
+    dev = on(device, query, kq, vq, bt, sl, *extra)
+    op(*dev, scale, out=out, k_scales=ks.to(device), v_scales=vs.to(device), **kw)
+    same = ref_op(query, kq, vq, bt, sl, *extra, scale, k_scales=ks, v_scales=vs, **kw)
+    torch.testing.assert_close(out.cpu(), same, **tol(dtype))
+    unquantized = ref_op(query, kc, vc, bt, sl, *extra, scale, **kw)
+    loose = {k: v + tol(dtype)[k] for k, v in QUANT_VS_FP[kv_dtype].items()}
+    torch.testing.assert_close(out.cpu().float(), unquantized.float(), **loose)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize("heads", GQA)
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_quantized(dtype, head_size, heads, kv_dtype, device, seeded):
+    block_size = {64: 16, 80: 5, 96: 32, 128: 16, 256: 32}[head_size]
+    check_quant(
+        "decode", [1, 37, 290, 16, 517], heads, head_size, block_size, dtype, kv_dtype, device
+    )
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (14, 2)])
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_quantized(dtype, head_size, heads, kv_dtype, device, seeded):
+    block_size = {64: 32, 80: 16, 96: 5, 128: 32, 256: 16}[head_size]
+    seq_lens, q_lens = zip(*PREFILL_SEQS, strict=True)
+    check_quant(
+        "prefill",
+        list(seq_lens),
+        heads,
+        head_size,
+        block_size,
+        dtype,
+        kv_dtype,
+        device,
+        q_lens=list(q_lens),
+    )
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize(
+    ("sliding_window", "soft_cap", "seq_lens"),
+    [(37, None, [1, 36, 38, 500]), (None, 5.0, [1, 80, 700]), (1000, 1.0, [3001])],
+)
+def test_quantized_window_soft_cap_and_split(
+    kv_dtype, sliding_window, soft_cap, seq_lens, device, seeded
+):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # long contexts split into merged parts
+    try:
+        kw = dict(sliding_window=sliding_window, soft_cap=soft_cap)
+        check_quant("decode", seq_lens, (7, 1), 128, 16, torch.bfloat16, kv_dtype, device, **kw)
+        check_quant(
+            "prefill",
+            seq_lens,
+            (9, 3),
+            64,
+            16,
+            torch.float32,
+            kv_dtype,
+            device,
+            q_lens=[min(n, 70) for n in seq_lens],
+            **kw,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize(("heads", "head_size"), [((14, 2), 80), ((4, 1), 128), ((2, 2), 256)])
+def test_quantized_every_isa(cpu_isa, kv_dtype, heads, head_size, seeded):
+    for dtype in DTYPES:
+        check_quant("decode", [1, 45, 333], heads, head_size, 16, dtype, kv_dtype, soft_cap=10.0)
+        check_quant(
+            "prefill",
+            [50, 260, 9],
+            heads,
+            head_size,
+            32,
+            dtype,
+            kv_dtype,
+            q_lens=[50, 33, 0],
+            sliding_window=40,
+        )
+
+
+def test_quantized_zero_rows(device, seeded):
+    # All-zero keys/values are stored with scale 0: scores 0, values 0 (no NaN from 0 * inf).
+    kc, vc, bt, sl = make_cache([20], 1, 64, 16, torch.float32)
+    kc[bt[0, 0]] = 0.0
+    vc[bt[0, 0]] = 0.0
+    kq, vq, ks, vs = quantize_cache(kc, vc, torch.int8)
+    assert (ks[bt[0, 0]] == 0).all()
+    query = torch.randn(1, 2, 64)
+    out = ops.paged_attention_decode(
+        *on(device, query, kq, vq, bt, sl), 0.125, k_scales=ks.to(device), v_scales=vs.to(device)
+    )
+    want = ref.paged_attention_decode(query, kq, vq, bt, sl, 0.125, k_scales=ks, v_scales=vs)
+    torch.testing.assert_close(out.cpu(), want, **tol(torch.float32))
+
+
+def _quant_args(kv_dtype=torch.int8):
+    args = _decode_args()
+    kq, vq, ks, vs = quantize_cache(args["key_cache"], args["value_cache"], kv_dtype)
+    return {**args, "key_cache": kq, "value_cache": vq, "k_scales": ks, "v_scales": vs}
+
+
+QUANT_BAD = [
+    (_set(k_scales=None), "k_scales and v_scales are required; got no k_scales and v_scales"),
+    (_set(v_scales=None), "k_scales and v_scales are required; got k_scales and no v_scales"),
+    (_set(k_scales=None, v_scales=None), "k_scales and v_scales are required"),
+    (_with("k_scales", lambda t: t.half()), "k_scales has dtype Half; expected float32"),
+    (_with("v_scales", lambda t: t[:, :8]), r"v_scales has shape \[9, 8, 2\]; expected"),
+    (
+        _with("k_scales", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
+        "k_scales must be contiguous",
+    ),
+    (
+        _with("value_cache", lambda t: t.view(torch.float8_e4m3fn)),
+        "value_cache has dtype Float8_e4m3fn but key_cache has dtype Char",
+    ),
+    (
+        lambda a: {
+            **a,
+            "key_cache": a["key_cache"].float(),
+            "value_cache": a["value_cache"].float(),
+        },
+        "k_scales/v_scales are only taken with an int8 or float8_e4m3fn cache",
+    ),
+    (
+        _with("key_cache", lambda t: t.view(torch.uint8)),
+        "key_cache must have the dtype of query",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), QUANT_BAD)
+@pytest.mark.parametrize("op", ["decode", "prefill"])
+def test_quantized_bad_input(op, change, match, device):
+    args = _quant_args()
+    if op == "prefill":
+        args = {
+            **_prefill_args(),
+            **{k: args[k] for k in ("key_cache", "value_cache", "k_scales", "v_scales")},
+        }
+    args = _on(device, change(args))
+    fn = (
+        torch.ops.sagellm.paged_attention_decode
+        if op == "decode"
+        else (torch.ops.sagellm.paged_attention_prefill)
+    )
+    with pytest.raises(RuntimeError, match=match):
+        fn(**args)
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+def test_opcheck_quantized(kv_dtype, device, seeded):
+    args = _on(device, _quant_args(kv_dtype))
+    # torch's schema check compares tensors with ops float8 lacks on the CPU: skip that one.
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic")
+    if kv_dtype == torch.int8:
+        utils = ("test_schema", *utils)
+    torch.library.opcheck(
+        torch.ops.sagellm.paged_attention_decode.default, (), args, test_utils=utils
+    )

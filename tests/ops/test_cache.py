@@ -383,3 +383,184 @@ def test_traces_under_torch_compile(device):
     got = torch.compile(write, fullgraph=True, backend="aot_eager")(key, kc, vc, slots)
     torch.testing.assert_close(got, expected)
     assert torch.equal(kc, ke) and torch.equal(vc, ve)
+
+
+# ---- quantized caches (int8 / float8_e4m3fn with fp32 scales per token and head) --------------
+
+KV_QUANT = [torch.int8, torch.float8_e4m3fn]
+
+
+def _bits(t):
+    """Bit patterns, so float8 caches (no CPU ==) and NaN-free fp32 compare exactly."""
+    return t.cpu().view(torch.uint8)
+
+
+def _quant_caches(num_blocks, block_size, heads, head_size, kv_dtype, device="cpu"):
+    shape = (num_blocks, block_size, heads, head_size)
+    kc = torch.full(shape, 5, dtype=torch.int8).view(torch.uint8).view(kv_dtype)
+    vc = torch.full(shape, -5, dtype=torch.int8).view(torch.uint8).view(kv_dtype)
+    ks = torch.full(shape[:3], SENTINEL)
+    vs = torch.full(shape[:3], -SENTINEL)
+    return [t.to(device) for t in (kc, vc, ks, vs)]
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,head_size", [(1, 64), (2, 80), (8, 128), (3, 7)])
+@pytest.mark.parametrize("num_tokens", [0, 1, 37])
+@pytest.mark.parametrize("strided", [False, True])
+def test_reshape_and_cache_quantized(
+    device, kv_dtype, dtype, heads, head_size, num_tokens, strided
+):
+    # The write rule is exact (same fp32 operations as the reference): bit-equal caches and scales.
+    g = torch.Generator().manual_seed(num_tokens * 7 + heads)
+    num_blocks, block_size = 5, 16
+    qkv = (torch.randn(num_tokens, 3, heads, head_size, generator=g) * 3).to(dtype)
+    if strided:  # token rows inside a fused qkv buffer
+        key, value = qkv[:, 1], qkv[:, 2]
+    else:
+        key, value = qkv[:, 1].contiguous(), qkv[:, 2].contiguous()
+    if num_tokens:
+        key[0, 0] = 0.0  # an all-zero row: scale 0, values 0
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[1::4] = -1
+    kc, vc, ks, vs = _quant_caches(num_blocks, block_size, heads, head_size, kv_dtype)
+    want = ref.reshape_and_cache_quantized(key, value, kc, vc, ks, vs, slots)
+    kc, vc, ks, vs = (t.to(device) for t in (kc, vc, ks, vs))
+    cache.reshape_and_cache(
+        key.to(device), value.to(device), kc, vc, slots.to(device), k_scales=ks, v_scales=vs
+    )
+    for got, expected in zip((kc, vc, ks, vs), want, strict=True):
+        assert torch.equal(_bits(got), _bits(expected))
+    if num_tokens and slots[0] >= 0:
+        row = (slots[0] // block_size, slots[0] % block_size, 0)
+        assert ks.cpu()[row] == 0 and (_bits(kc)[row] == 0).all()
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+def test_quantized_write_rule_by_hand(device, kv_dtype):
+    # Values chosen so the rule's rounding shows, independent of the reference: scale = 1 when
+    # max|x| = QMAX, ties round to even (int8: 2.5 -> 2, 3.5 -> 4, -0.5 -> 0; e4m3 near 1 has a
+    # step of 1/8, so 1.0625 -> 1.0, 1.1875 -> 1.25).
+    qmax = 127.0 if kv_dtype == torch.int8 else 448.0
+    if kv_dtype == torch.int8:
+        row, want = [qmax, 2.5, 3.5, -0.5, -qmax, 0.0, 1.0, 126.6], [127, 2, 4, 0, -127, 0, 1, 127]
+    else:
+        row, want = [qmax, 1.0625, 1.1875, -2.0, -qmax, 0.0, 1e-3, 300.0], None
+    key = torch.tensor(row).view(1, 1, 8)
+    kc, vc, ks, vs = _quant_caches(1, 4, 1, 8, kv_dtype, device)
+    cache.reshape_and_cache(
+        key.to(device),
+        (key * 0).to(device),
+        kc,
+        vc,
+        torch.tensor([2], device=device),
+        k_scales=ks,
+        v_scales=vs,
+    )
+    assert ks.cpu()[0, 2, 0] == 1.0 and vs.cpu()[0, 2, 0] == 0.0
+    assert (_bits(vc)[0, 2] == 0).all()
+    stored = kc.cpu()[0, 2, 0].float()
+    if want is None:  # e4m3: the subnormal step is 2^-9, 300 lies between 288 and 320
+        want = [448.0, 1.0, 1.25, -2.0, -448.0, 0.0, 2.0**-9, 288.0]
+    assert stored.tolist() == [float(w) for w in want]
+    assert ks.cpu()[0, 1, 0] == SENTINEL  # neighbours untouched
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
+def test_quantized_write_error_bound(device, kv_dtype):
+    # Dequantized rows are within half a step of the input: s / 2 for int8; for e4m3 2^-4 of the
+    # value (3 mantissa bits) or half the subnormal step s * 2^-10, whichever is larger.
+    g = torch.Generator().manual_seed(3)
+    key = torch.randn(64, 4, 128, generator=g) * torch.logspace(-3, 3, 64).view(64, 1, 1)
+    kc, vc, ks, vs = _quant_caches(4, 16, 4, 128, kv_dtype, device)
+    slots = torch.arange(64, device=device)
+    cache.reshape_and_cache(key.to(device), key.to(device), kc, vc, slots, k_scales=ks, v_scales=vs)
+    s = ks.cpu().view(64, 4, 1)
+    err = (ref.dequantize_kv(kc.cpu(), ks.cpu()).view(64, 4, 128) - key).abs()
+    if kv_dtype == torch.int8:
+        bound = s / 2 * (1 + 1e-6)
+    else:
+        bound = torch.maximum(key.abs() * 2.0**-4, s * 2.0**-10) * (1 + 1e-6)
+    assert (err <= bound).all()
+
+
+def _write_args(device, kv_dtype=torch.int8):
+    kc, vc, ks, vs = _quant_caches(3, 16, 2, 64, kv_dtype, device)
+    key = torch.randn(4, 2, 64, device=device)
+    slots = torch.tensor([0, 1, 2, 3], device=device)
+    return dict(
+        key=key,
+        value=key.clone(),
+        key_cache=kc,
+        value_cache=vc,
+        slot_mapping=slots,
+        k_scales=ks,
+        v_scales=vs,
+    )
+
+
+QUANT_WRITE_BAD = [
+    (dict(k_scales=None), "k_scales and v_scales are required; got no k_scales and v_scales"),
+    (dict(v_scales=None), "k_scales and v_scales are required; got k_scales and no v_scales"),
+    (
+        dict(key_cache=torch.zeros(3, 16, 2, 64), value_cache=torch.zeros(3, 16, 2, 64)),
+        "k_scales/v_scales are only taken with an int8 or float8_e4m3fn cache",
+    ),
+    (dict(k_scales=torch.zeros(3, 16, 2, dtype=torch.half)), "k_scales has dtype Half"),
+    (dict(v_scales=torch.zeros(3, 16, 1)), r"v_scales has shape \[3, 16, 1\]; expected"),
+    (dict(k_scales=torch.zeros(16, 3, 2).transpose(0, 1)), "k_scales must be contiguous"),
+    (
+        dict(value_cache=torch.zeros(3, 16, 2, 64, dtype=torch.float8_e4m3fn)),
+        "value_cache has dtype Float8_e4m3fn but key_cache has dtype Char",
+    ),
+    (
+        dict(
+            key=torch.zeros(4, 2, 64, dtype=torch.float64),
+            value=torch.zeros(4, 2, 64, dtype=torch.float64),
+        ),
+        "needs float32, float16 or bfloat16 keys",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "match"), QUANT_WRITE_BAD)
+def test_reshape_and_cache_quantized_bad_inputs(device, change, match):
+    args = _write_args(device)
+    args.update({k: v.to(device) if v is not None else None for k, v in change.items()})
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.sagellm.reshape_and_cache(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.float32])
+def test_copy_and_swap_blocks_quantized_and_scales(device, dtype):
+    # Block copies move bytes: int8 / e4m3 caches and their fp32 scale tensors copy exactly.
+    g = torch.Generator().manual_seed(5)
+    if dtype == torch.float32:  # scales [num_blocks, block_size, kv_heads]
+        shape = (6, 16, 2)
+        layers = [torch.randn(shape, generator=g) for _ in range(4)]
+    else:  # any byte pattern, NaN encodings included: only bits move
+        shape = (6, 16, 2, 64)
+        layers = [
+            torch.randint(-128, 128, shape, generator=g, dtype=torch.int8).view(dtype)
+            for _ in range(4)
+        ]
+    layers = [t.to(device) for t in layers]
+    mapping = torch.tensor([[0, 3], [5, 1], [3, 4]])
+    want = [_bits(t).clone() for t in layers]
+    for w in want:
+        for s, d in mapping.tolist():
+            w[d] = w[s]
+    cache.copy_blocks(layers[:2], layers[2:], mapping)
+    for got, w in zip(layers, want, strict=True):
+        assert torch.equal(_bits(got), w)
+    dst = torch.zeros(2, *shape[1:], dtype=dtype).to(device)
+    cache.swap_blocks(layers[0], dst, torch.tensor([[4, 1], [0, 0]]))
+    assert torch.equal(_bits(dst)[1], _bits(layers[0])[4])
+    assert torch.equal(_bits(dst)[0], _bits(layers[0])[0])
+
+
+def test_opcheck_quantized(device):
+    args = _write_args(device)
+    args["slot_mapping"] = torch.tensor([0, -1, 5, 40], device=device)
+    torch.library.opcheck(torch.ops.sagellm.reshape_and_cache.default, (), args)

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "attention/attention_checks.h"
@@ -42,16 +43,27 @@ void check_cpu(const at::Tensor& t, const char* name) {
 
 // Checks shared by both ops (attention/attention_checks.h); fills everything in the params but
 // the block table and the work items.
-PagedAttentionParams check_and_describe(const at::Tensor& out, const at::Tensor& query,
-                                        const at::Tensor& key_cache,
+PagedAttentionParams check_and_describe(const char* op, const at::Tensor& out,
+                                        const at::Tensor& query, const at::Tensor& key_cache,
                                         const at::Tensor& value_cache,
                                         const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                        double scale, int64_t sliding_window, double soft_cap) {
+                                        double scale, int64_t sliding_window, double soft_cap,
+                                        const std::optional<at::Tensor>& k_scales,
+                                        const std::optional<at::Tensor>& v_scales) {
   const attention::AttentionDims d =
       attention::check_attention_inputs(out, query, key_cache, value_cache, block_tables,
                                         seq_lens, scale, sliding_window, soft_cap, check_cpu);
+  const attention::KVQuant quant =
+      attention::check_kv_scales(op, query, key_cache, value_cache, k_scales, v_scales);
   PagedAttentionParams p{};
   p.dtype = cpu::kernel_dtype(query, "paged_attention", "query");
+  p.kv_store = quant == attention::KVQuant::kInt8      ? cpu::KVStore::kInt8
+               : quant == attention::KVQuant::kFp8E4M3 ? cpu::KVStore::kFp8E4M3
+                                                       : cpu::KVStore::kModel;
+  if (quant != attention::KVQuant::kNone) {
+    p.k_scales = k_scales->data_ptr<float>();
+    p.v_scales = v_scales->data_ptr<float>();
+  }
   p.head_size = d.head_size;
   p.num_heads = d.num_heads;
   p.num_kv_heads = d.num_kv_heads;
@@ -100,9 +112,13 @@ void run_items(PagedAttentionParams& p, std::vector<AttentionWorkItem>& items) {
 void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
                                 const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                double scale, int64_t sliding_window, double soft_cap) {
-  PagedAttentionParams p = check_and_describe(out, query, key_cache, value_cache, block_tables,
-                                              seq_lens, scale, sliding_window, soft_cap);
+                                double scale, int64_t sliding_window, double soft_cap,
+                                const std::optional<at::Tensor>& k_scales,
+                                const std::optional<at::Tensor>& v_scales) {
+  PagedAttentionParams p =
+      check_and_describe("paged_attention_decode", out, query, key_cache, value_cache,
+                         block_tables, seq_lens, scale, sliding_window, soft_cap, k_scales,
+                         v_scales);
   const int64_t num_seqs = seq_lens.size(0);
   attention::check_decode_tokens(query, seq_lens);
   const at::Tensor table = block_tables.contiguous();
@@ -193,9 +209,13 @@ void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                  const at::Tensor& query_start_loc, double scale,
-                                 int64_t sliding_window, double soft_cap) {
-  PagedAttentionParams p = check_and_describe(out, query, key_cache, value_cache, block_tables,
-                                              seq_lens, scale, sliding_window, soft_cap);
+                                 int64_t sliding_window, double soft_cap,
+                                 const std::optional<at::Tensor>& k_scales,
+                                 const std::optional<at::Tensor>& v_scales) {
+  PagedAttentionParams p =
+      check_and_describe("paged_attention_prefill", out, query, key_cache, value_cache,
+                         block_tables, seq_lens, scale, sliding_window, soft_cap, k_scales,
+                         v_scales);
   attention::check_prefill_query_start_loc(query_start_loc, query, seq_lens, check_cpu);
   const int64_t num_seqs = seq_lens.size(0);
   const int64_t num_tokens = query.size(0);

@@ -12,6 +12,11 @@
 // address order. Prefill tiles several tokens x the group's heads, so a row read from memory
 // feeds up to 32 query rows: compute-bound, with K/V chunks widened to fp32 once per tile when
 // the dtype is 16-bit.
+//
+// Quantized caches (int8 / e4m3, one fp32 scale per token and KV head) read a quarter of fp32's
+// bytes (half of bf16's). Decode converts the bytes to fp32 in registers (kv_quant_load.h) and
+// applies the scales once per key: to the score after q.k, and to the softmax weight before p.V.
+// Prefill widens a chunk to dequantized fp32 once per tile, as for 16-bit caches.
 #include "attention/cpu/attention_kernels.h"
 
 #include <algorithm>
@@ -19,6 +24,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "attention/cpu/kv_quant_load.h"
 #include "cpu/vec.h"
 
 namespace sagellm::cpu::SAGELLM_ISA {
@@ -63,7 +69,7 @@ inline void qk_block(const float* q, const TK* const* k, float* s) {
     for (int c = 0; c < 4; ++c) acc[r][c] = Vec::zero();
   for (int j = 0; j < D; j += W) {
     Vec kv[4];
-    for (int c = 0; c < 4; ++c) kv[c] = Vec::load(k[c] + j);
+    for (int c = 0; c < 4; ++c) kv[c] = load_kv(k[c] + j);
     for (int r = 0; r < RB; ++r) {
       Vec qv = Vec::load(q + r * D + j);
       for (int c = 0; c < 4; ++c) acc[r][c] = Vec::fma(qv, kv[c], acc[r][c]);
@@ -83,7 +89,7 @@ inline void pv_block(const float* p, const float* alpha, const TV* const* v, int
   }
   for (int t = 0; t < nk; ++t) {
     Vec vv[JB];
-    for (int b = 0; b < JB; ++b) vv[b] = Vec::load(v[t] + j0 + b * W);
+    for (int b = 0; b < JB; ++b) vv[b] = load_kv(v[t] + j0 + b * W);
     for (int r = 0; r < RB; ++r) {
       Vec pr = Vec::set1(p[r * kChunk + t]);
       for (int b = 0; b < JB; ++b) a[r][b] = Vec::fma(pr, vv[b], a[r][b]);
@@ -154,9 +160,11 @@ inline void touch_lines(const char* base, const int64_t* offsets, int n, int64_t
 }
 
 // One chunk of nk keys starting at key k0; krow/vrow point at the rows (4-padded for krow).
+// ks/vs: per key, the factor that turns a loaded row into the key/value (quantized caches read
+// in registers), or null.
 template <int D, typename TK>
 void attend_chunk(const RowState& t, int rows, int k0, int nk, const TK* const* krow,
-                  const TK* const* vrow, float soft_cap) {
+                  const TK* const* vrow, const float* ks, const float* vs, float soft_cap) {
   // Row blocks of kRowBlock, then 2, then 1 (a group of 3 or 7 heads is common).
   int r = 0;
   for (; r + kRowBlock <= rows; r += kRowBlock)
@@ -168,6 +176,9 @@ void attend_chunk(const RowState& t, int rows, int k0, int nk, const TK* const* 
   }
   for (; r < rows; ++r)
     for (int c = 0; c < nk; c += 4) qk_block<D, 1>(t.q + r * D, krow + c, t.s + r * kChunk + c);
+  if (ks != nullptr)
+    for (r = 0; r < rows; ++r)
+      for (int c = 0; c < nk; ++c) t.s[r * kChunk + c] *= ks[c];
 
   const Vec cap = Vec::set1(soft_cap);
   const Vec inv_cap = Vec::set1(soft_cap > 0.0f ? 1.0f / soft_cap : 0.0f);
@@ -198,6 +209,8 @@ void attend_chunk(const RowState& t, int rows, int k0, int nk, const TK* const* 
     t.alpha[r] = std::exp(t.m[r] - m_new);  // exp(-inf) = 0 on the first visible chunk
     t.l[r] = t.l[r] * t.alpha[r] + sum.reduce_add();
     t.m[r] = m_new;
+    if (vs != nullptr)
+      for (int c = 0; c < nk; ++c) s[c] *= vs[c];
   }
 
   for (r = 0; r + kRowBlock <= rows; r += kRowBlock)
@@ -209,8 +222,10 @@ void attend_chunk(const RowState& t, int rows, int k0, int nk, const TK* const* 
   for (; r < rows; ++r) pv_rows<D, 1>(t.s + r * kChunk, t.alpha + r, vrow, nk, t.acc + r * D);
 }
 
-template <typename T, int D>
+// T: query/out dtype; TC: cache element type (T, or q8 / e4m3 with scales).
+template <typename T, typename TC, int D>
 void run_item(const PagedAttentionParams& p, const AttentionWorkItem& w, Tile<D>& t) {
+  constexpr bool kQuant = std::is_same<TC, q8>::value || std::is_same<TC, e4m3>::value;
   const int group = p.num_heads / p.num_kv_heads;
   const int nh = w.head_end - w.head_begin;
   const int rows_per_kv = (w.q_end - w.q_begin) * nh;
@@ -234,29 +249,34 @@ void run_item(const PagedAttentionParams& p, const AttentionWorkItem& w, Tile<D>
     t.lo[r] = static_cast<int32_t>(std::max<int64_t>(0, pos - p.sliding_window + 1));
   }
 
-  // A 16-bit chunk is widened to fp32 once when enough row blocks reuse it; otherwise the
-  // microkernels convert while loading (cheaper for decode's few rows per KV head).
-  const bool widen = !std::is_same<T, float>::value && rows_per_kv > 2 * kRowBlock;
-  const T* kc = static_cast<const T*>(p.key_cache);
-  const T* vc = static_cast<const T*>(p.value_cache);
+  // A 16-bit or quantized chunk is widened to fp32 once when enough row blocks reuse it;
+  // otherwise the microkernels convert while loading (cheaper for decode's few rows per KV head).
+  const bool widen = !std::is_same<TC, float>::value && rows_per_kv > 2 * kRowBlock;
+  const TC* kc = static_cast<const TC*>(p.key_cache);
+  const TC* vc = static_cast<const TC*>(p.value_cache);
   const int64_t stride_token = int64_t(p.num_kv_heads) * D;
   const int64_t stride_block = stride_token * p.block_size;
   const int32_t* table = p.block_tables + int64_t(w.seq) * p.block_tables_stride;
   // Cache offsets (in elements) of the chunk's tokens, KV head 0.
   int64_t base[kChunk];
   int64_t base_bytes[kChunk];
-  const T* krow[kChunk];
-  const T* vrow[kChunk];
+  const TC* krow[kChunk];
+  const TC* vrow[kChunk];
   const float* kf[kChunk];
   const float* vf[kChunk];
-  const int64_t run_bytes = int64_t(num_kv) * D * sizeof(T);  // the item's heads of one token
+  // Quantized caches: scale index of each token (KV head 0), and the chunk's factors.
+  int64_t sbase[kChunk];
+  alignas(64) float ks[kChunk];
+  alignas(64) float vs[kChunk];
+  const int64_t run_bytes = int64_t(num_kv) * D * sizeof(TC);  // the item's heads of one token
   for (int k0 = w.key_begin; k0 < w.key_end; k0 += kChunk) {
     const int nk = std::min(kChunk, w.key_end - k0);
     int blk = k0 / p.block_size;
     int off = k0 % p.block_size;
     for (int c = 0; c < nk; ++c) {
       base[c] = table[blk] * stride_block + off * stride_token;
-      base_bytes[c] = (base[c] + int64_t(w.kv_head) * D) * int64_t(sizeof(T));
+      base_bytes[c] = (base[c] + int64_t(w.kv_head) * D) * int64_t(sizeof(TC));
+      if constexpr (kQuant) sbase[c] = (int64_t(table[blk]) * p.block_size + off) * p.num_kv_heads;
       if (++off == p.block_size) {
         off = 0;
         ++blk;
@@ -275,18 +295,40 @@ void run_item(const PagedAttentionParams& p, const AttentionWorkItem& w, Tile<D>
       const int nk4 = (nk + 3) & ~3;
       for (int c = nk; c < nk4; ++c) krow[c] = krow[nk - 1];  // padding, masked to -inf later
       const RowState rs = rows_from(t, kv * rows_per_kv);
+      if constexpr (kQuant) {
+        for (int c = 0; c < nk; ++c) {
+          const int64_t si = sbase[c] + w.kv_head + kv;
+          ks[c] = p.k_scales[si] * kv_load_factor<TC>;
+          vs[c] = p.v_scales[si] * kv_load_factor<TC>;
+        }
+        for (int c = nk; c < nk4; ++c) ks[c] = ks[nk - 1];
+      }
       if (widen) {
         for (int c = 0; c < nk4; ++c) {
-          for (int j = 0; j < D; j += W) Vec::load(krow[c] + j).store(t.kbuf + c * D + j);
-          kf[c] = t.kbuf + c * D;
+          float* dst = t.kbuf + c * D;
+          if constexpr (kQuant) {
+            const Vec f = Vec::set1(ks[c]);
+            for (int j = 0; j < D; j += W) (load_kv(krow[c] + j) * f).store(dst + j);
+          } else {
+            for (int j = 0; j < D; j += W) load_kv(krow[c] + j).store(dst + j);
+          }
+          kf[c] = dst;
         }
         for (int c = 0; c < nk; ++c) {
-          for (int j = 0; j < D; j += W) Vec::load(vrow[c] + j).store(t.vbuf + c * D + j);
-          vf[c] = t.vbuf + c * D;
+          float* dst = t.vbuf + c * D;
+          if constexpr (kQuant) {
+            const Vec f = Vec::set1(vs[c]);
+            for (int j = 0; j < D; j += W) (load_kv(vrow[c] + j) * f).store(dst + j);
+          } else {
+            for (int j = 0; j < D; j += W) load_kv(vrow[c] + j).store(dst + j);
+          }
+          vf[c] = dst;
         }
-        attend_chunk<D>(rs, rows_per_kv, k0, nk, kf, vf, p.soft_cap);
+        attend_chunk<D>(rs, rows_per_kv, k0, nk, kf, vf, nullptr, nullptr, p.soft_cap);
+      } else if constexpr (kQuant) {
+        attend_chunk<D>(rs, rows_per_kv, k0, nk, krow, vrow, ks, vs, p.soft_cap);
       } else {
-        attend_chunk<D>(rs, rows_per_kv, k0, nk, krow, vrow, p.soft_cap);
+        attend_chunk<D>(rs, rows_per_kv, k0, nk, krow, vrow, nullptr, nullptr, p.soft_cap);
       }
     }
   }
@@ -308,10 +350,10 @@ void run_item(const PagedAttentionParams& p, const AttentionWorkItem& w, Tile<D>
   }
 }
 
-template <typename T, int D>
+template <typename T, typename TC, int D>
 void run_items(const PagedAttentionParams& p, int64_t begin, int64_t end) {
   Tile<D> tile;
-  for (int64_t i = begin; i < end; ++i) run_item<T, D>(p, p.items[i], tile);
+  for (int64_t i = begin; i < end; ++i) run_item<T, TC, D>(p, p.items[i], tile);
 }
 
 template <typename T, int D>
@@ -345,40 +387,58 @@ void merge_rows(const PagedAttentionParams& p, int64_t begin, int64_t end) {
   }
 }
 
-// The kernels compiled: 3 dtypes x 5 head sizes (kAttentionHeadSizes); the entry file rejects
-// any other head size before dispatching here.
-template <template <typename, int> class Fn>
-void dispatch(const PagedAttentionParams& p, int64_t begin, int64_t end) {
-  auto by_head = [&](auto tag) {
-    using T = decltype(tag);
-    switch (p.head_size) {
-      case 64:
-        return Fn<T, 64>::run(p, begin, end);
-      case 80:
-        return Fn<T, 80>::run(p, begin, end);
-      case 96:
-        return Fn<T, 96>::run(p, begin, end);
-      case 128:
-        return Fn<T, 128>::run(p, begin, end);
-      case 256:
-        return Fn<T, 256>::run(p, begin, end);
-    }
-  };
-  switch (p.dtype) {
-    case DType::kF32:
-      return by_head(float{});
-    case DType::kF16:
-      return by_head(f16{});
-    case DType::kBF16:
-      return by_head(bf16{});
+// The kernels compiled: 3 dtypes x 3 cache storages (the dtype itself, int8, e4m3) x 5 head
+// sizes (kAttentionHeadSizes); the entry file rejects any other head size before dispatching
+// here. kByStore = false (merge) ignores the cache storage.
+template <template <typename, typename, int> class Fn, typename T, typename TC>
+void by_head(const PagedAttentionParams& p, int64_t begin, int64_t end) {
+  switch (p.head_size) {
+    case 64:
+      return Fn<T, TC, 64>::run(p, begin, end);
+    case 80:
+      return Fn<T, TC, 80>::run(p, begin, end);
+    case 96:
+      return Fn<T, TC, 96>::run(p, begin, end);
+    case 128:
+      return Fn<T, TC, 128>::run(p, begin, end);
+    case 256:
+      return Fn<T, TC, 256>::run(p, begin, end);
   }
 }
 
-template <typename T, int D>
+template <template <typename, typename, int> class Fn, bool kByStore>
+void dispatch(const PagedAttentionParams& p, int64_t begin, int64_t end) {
+  auto by_store = [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (kByStore) {
+      switch (p.kv_store) {
+        case KVStore::kInt8:
+          return by_head<Fn, T, q8>(p, begin, end);
+        case KVStore::kFp8E4M3:
+          return by_head<Fn, T, e4m3>(p, begin, end);
+        case KVStore::kModel:
+          break;
+      }
+    }
+    return by_head<Fn, T, T>(p, begin, end);
+  };
+  switch (p.dtype) {
+    case DType::kF32:
+      return by_store(float{});
+    case DType::kF16:
+      return by_store(f16{});
+    case DType::kBF16:
+      return by_store(bf16{});
+  }
+}
+
+template <typename T, typename TC, int D>
 struct RunFn {
-  static void run(const PagedAttentionParams& p, int64_t b, int64_t e) { run_items<T, D>(p, b, e); }
+  static void run(const PagedAttentionParams& p, int64_t b, int64_t e) {
+    run_items<T, TC, D>(p, b, e);
+  }
 };
-template <typename T, int D>
+template <typename T, typename TC, int D>
 struct MergeFn {
   static void run(const PagedAttentionParams& p, int64_t b, int64_t e) { merge_rows<T, D>(p, b, e); }
 };
@@ -386,11 +446,11 @@ struct MergeFn {
 }  // namespace
 
 void paged_attention_run(const PagedAttentionParams& p, int64_t begin, int64_t end) {
-  dispatch<RunFn>(p, begin, end);
+  dispatch<RunFn, true>(p, begin, end);
 }
 
 void paged_attention_merge(const PagedAttentionParams& p, int64_t begin, int64_t end) {
-  dispatch<MergeFn>(p, begin, end);
+  dispatch<MergeFn, false>(p, begin, end);
 }
 
 }  // namespace sagellm::cpu::SAGELLM_ISA

@@ -39,8 +39,20 @@ struct AttentionWorkItem {
   int32_t part;
 };
 
+// Storage of the KV cache: the model dtype, or one byte per element with an fp32 scale per
+// cached (token, KV head).
+enum class KVStore : int { kModel = 0, kInt8 = 1, kFp8E4M3 = 2 };
+// The quantized element types (one byte each, layout-compatible with int8 / float8_e4m3fn).
+struct q8 {
+  int8_t v;
+};
+struct e4m3 {
+  uint8_t bits;
+};
+
 struct PagedAttentionParams {
   DType dtype;
+  KVStore kv_store;
   int head_size;
   int num_heads;
   int num_kv_heads;
@@ -57,6 +69,10 @@ struct PagedAttentionParams {
   // key_cache / value_cache: contiguous [num_blocks, block_size, num_kv_heads, head_size].
   const void* key_cache;
   const void* value_cache;
+  // Quantized caches only: [num_blocks, block_size, num_kv_heads]; the key/value is the stored
+  // element times its row's scale.
+  const float* k_scales;
+  const float* v_scales;
 
   // block_tables: [num_seqs, block_tables_stride] (row stride in elements).
   const int32_t* block_tables;

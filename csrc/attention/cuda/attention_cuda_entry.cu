@@ -1,6 +1,8 @@
 // CUDA entry points of paged_attention_decode / paged_attention_prefill: the checks shared with
 // the CPU entry (attention/attention_checks.h, same messages), the split-KV workspace of decode,
-// and the launch on the current stream. Kernels: paged_decode.cu, paged_prefill.cu.
+// and the launch on the current stream. Kernels: paged_decode.cu, paged_prefill.cu for caches in
+// the query's dtype; paged_quant.cu (decode) and paged_quant_prefill.cu for int8 /
+// float8_e4m3fn caches with their per-(token, head) scales.
 //
 // Nothing here reads device memory unless index checks are on (common/index_checks.h) and the
 // stream is not being captured, so both ops can be recorded into CUDA graphs; the workspace
@@ -15,10 +17,13 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "attention/attention_checks.h"
 #include "attention/cuda/attention_cuda.cuh"
+#include "attention/cuda/paged_quant.cuh"
 #include "common/index_checks.h"
+#include "common/kv_quant.h"
 
 namespace sagellm {
 namespace {
@@ -45,6 +50,24 @@ bool check_index_values() {
 }
 
 at::Tensor host_copy(const at::Tensor& t) { return t.to(at::kCPU).contiguous(); }
+
+// The decode kernels (and the quantized prefill) stream the caches with 16-byte copies.
+void check_cache_alignment(const at::Tensor& key_cache, const at::Tensor& value_cache) {
+  for (const at::Tensor* t : {&key_cache, &value_cache})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                t == &key_cache ? "key_cache" : "value_cache",
+                " must start at a 16-byte aligned address on CUDA, got ", t->data_ptr());
+}
+
+// The scales of a quantized cache, validated by attention::check_kv_scales.
+cuda::QuantKVParams quant_params(KVQuant quant, const std::optional<at::Tensor>& k_scales,
+                                 const std::optional<at::Tensor>& v_scales) {
+  cuda::QuantKVParams q{};
+  q.kind = quant == KVQuant::kInt8 ? cuda::KVCacheQuant::kInt8 : cuda::KVCacheQuant::kFp8E4M3;
+  q.k_scales = k_scales->data_ptr<float>();
+  q.v_scales = v_scales->data_ptr<float>();
+  return q;
+}
 
 cuda::AttnDType kernel_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -103,12 +126,16 @@ cuda::PagedAttentionCudaParams describe(const attention::AttentionDims& d, at::T
 void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                 double scale, int64_t sliding_window, double soft_cap) {
+                                 double scale, int64_t sliding_window, double soft_cap,
+                                 const std::optional<at::Tensor>& k_scales,
+                                 const std::optional<at::Tensor>& v_scales) {
   const OnDeviceOf on_device = check_query_device(query);
   const c10::cuda::CUDAGuard guard(query.device());
   const attention::AttentionDims d =
       attention::check_attention_inputs(out, query, key_cache, value_cache, block_tables,
                                         seq_lens, scale, sliding_window, soft_cap, on_device);
+  const KVQuant quant = attention::check_kv_scales("paged_attention_decode", query, key_cache,
+                                                   value_cache, k_scales, v_scales);
   attention::check_decode_tokens(query, seq_lens);
   if (check_index_values()) {
     attention::check_seq_lens_and_blocks(host_copy(block_tables), host_copy(seq_lens),
@@ -118,36 +145,42 @@ void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
   // Every decode sequence holds >= 1 token, so it needs >= 1 block (a shape, always checkable).
   TORCH_CHECK(block_tables.size(1) >= 1, "block_tables has no columns, but every decode ",
               "sequence needs at least one block");
-  // The kernels stream the caches with 16-byte copies.
-  for (const at::Tensor* t : {&key_cache, &value_cache})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
-                t == &key_cache ? "key_cache" : "value_cache",
-                " must start at a 16-byte aligned address on CUDA, got ", t->data_ptr());
+  check_cache_alignment(key_cache, value_cache);
 
   const at::Tensor table = block_tables.contiguous();
   const at::Tensor lens = seq_lens.contiguous();
   cuda::PagedAttentionCudaParams p =
       describe(d, out, query, key_cache, value_cache, table, lens, scale, soft_cap);
   at::Tensor workspace;
-  const int64_t floats = cuda::decode_workspace_floats(p);
+  const int64_t floats = quant == KVQuant::kNone ? cuda::decode_workspace_floats(p)
+                                                 : cuda::quant_decode_workspace_floats(p);
   if (floats > 0) {
     workspace = at::empty({floats}, query.options().dtype(at::kFloat));
     p.workspace = workspace.data_ptr<float>();
     p.workspace_floats = floats;
   }
-  cuda::launch_paged_attention_decode(p, at::cuda::getCurrentCUDAStream());
+  if (quant == KVQuant::kNone) {
+    cuda::launch_paged_attention_decode(p, at::cuda::getCurrentCUDAStream());
+  } else {
+    cuda::launch_paged_attention_decode_quant(p, quant_params(quant, k_scales, v_scales),
+                                              at::cuda::getCurrentCUDAStream());
+  }
 }
 
 void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
                                   const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                   const at::Tensor& query_start_loc, double scale,
-                                  int64_t sliding_window, double soft_cap) {
+                                  int64_t sliding_window, double soft_cap,
+                                  const std::optional<at::Tensor>& k_scales,
+                                  const std::optional<at::Tensor>& v_scales) {
   const OnDeviceOf on_device = check_query_device(query);
   const c10::cuda::CUDAGuard guard(query.device());
   const attention::AttentionDims d =
       attention::check_attention_inputs(out, query, key_cache, value_cache, block_tables,
                                         seq_lens, scale, sliding_window, soft_cap, on_device);
+  const KVQuant quant = attention::check_kv_scales("paged_attention_prefill", query, key_cache,
+                                                   value_cache, k_scales, v_scales);
   attention::check_prefill_query_start_loc(query_start_loc, query, seq_lens, on_device);
   if (check_index_values()) {
     const at::Tensor lens = host_copy(seq_lens);
@@ -163,7 +196,13 @@ void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
   cuda::PagedAttentionCudaParams p =
       describe(d, out, query, key_cache, value_cache, table, lens, scale, soft_cap);
   p.query_start_loc = starts.data_ptr<int32_t>();
-  cuda::launch_paged_attention_prefill(p, at::cuda::getCurrentCUDAStream());
+  if (quant == KVQuant::kNone) {
+    cuda::launch_paged_attention_prefill(p, at::cuda::getCurrentCUDAStream());
+  } else {
+    check_cache_alignment(key_cache, value_cache);
+    cuda::launch_paged_attention_prefill_quant(p, quant_params(quant, k_scales, v_scales),
+                                               at::cuda::getCurrentCUDAStream());
+  }
 }
 
 }  // namespace sagellm

@@ -4,6 +4,10 @@ The model runner builds one `AttentionMetadata` per step (DESIGN.md: "built once
 by all layers"); each layer writes its new K/V into its cache slots, then attends through the
 block tables with the decode kernel (one new token per sequence) or the prefill/extend kernel
 (any mix of prefill chunks, prefix-cache hits and decodes).
+
+A layer's cache is one tensor [2, num_blocks, block_size, num_kv_heads, head_size] in the model
+dtype, or a QuantizedKVCache (int8 / float8_e4m3fn values plus one fp32 scale per cached token and
+KV head). The models pass it through untouched, so both kinds run the same model code.
 """
 
 from __future__ import annotations
@@ -15,6 +19,21 @@ from torch import nn
 
 from sagellm.ops import attention as attn_ops
 from sagellm.ops import cache as cache_ops
+
+
+@dataclass(frozen=True)
+class QuantizedKVCache:
+    """One layer's quantized KV cache: data[0] keys, data[1] values; stored value x scale is the
+    key/value (reshape_and_cache quantizes the new rows, the attention ops dequantize)."""
+
+    data: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads, head_size] int8 | e4m3fn
+    scales: torch.Tensor  # [2, num_blocks, block_size, num_kv_heads] fp32
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales))
+
+
+KVCache = torch.Tensor | QuantizedKVCache
 
 
 @dataclass
@@ -46,7 +65,7 @@ class PagedAttention(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads * head_size] (rows may be strided)
         k: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
         v: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+        kv_cache: KVCache,  # [2, num_blocks, block_size, num_kv_heads, head_size] (+ scales)
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_size]
         t = q.shape[0]
@@ -57,8 +76,12 @@ class PagedAttention(nn.Module):
         )
         k = k.unflatten(-1, (self.num_kv_heads, self.head_size))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_size))
+        scales = {}
+        if isinstance(kv_cache, QuantizedKVCache):
+            scales = {"k_scales": kv_cache.scales[0], "v_scales": kv_cache.scales[1]}
+            kv_cache = kv_cache.data
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        cache_ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        cache_ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping, **scales)
         if meta.decode_only:
             out = attn_ops.paged_attention_decode(
                 q,
@@ -69,6 +92,7 @@ class PagedAttention(nn.Module):
                 self.scale,
                 sliding_window=self.sliding_window,
                 soft_cap=self.soft_cap,
+                **scales,
             )
         else:
             out = attn_ops.paged_attention_prefill(
@@ -81,5 +105,6 @@ class PagedAttention(nn.Module):
                 self.scale,
                 sliding_window=self.sliding_window,
                 soft_cap=self.soft_cap,
+                **scales,
             )
         return out.view(t, self.num_heads * self.head_size)

@@ -1,10 +1,21 @@
 """Reference paged attention: gather each sequence's K/V through its block table, then plain
 masked softmax attention in fp64. Slow and simple on purpose; the tests compare the kernels to it.
+
+A quantized cache (k_scales/v_scales given) is dequantized first (stored value times its scale,
+in fp32), then attended to exactly like an fp cache.
 """
 
 from __future__ import annotations
 
 import torch
+
+from sagellm.ops.reference.cache import dequantize_kv
+
+
+def _dequantized(key_cache, value_cache, k_scales, v_scales):
+    if k_scales is None and v_scales is None:
+        return key_cache, value_cache
+    return dequantize_kv(key_cache, k_scales), dequantize_kv(value_cache, v_scales)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -51,8 +62,11 @@ def paged_attention_decode(
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [num_seqs, num_heads, head_size]; the token of sequence i is at seq_lens[i] - 1."""
+    key_cache, value_cache = _dequantized(key_cache, value_cache, k_scales, v_scales)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for i, seq_len in enumerate(seq_lens.tolist()):
         k = _gather(key_cache, block_tables[i], seq_len)
@@ -74,9 +88,12 @@ def paged_attention_prefill(
     *,
     sliding_window: int | None = None,
     soft_cap: float | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [num_tokens, num_heads, head_size] packed by query_start_loc; the q_len new tokens of
     sequence i are the last q_len of its seq_lens[i] cached tokens."""
+    key_cache, value_cache = _dequantized(key_cache, value_cache, k_scales, v_scales)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):

@@ -4,6 +4,54 @@ from __future__ import annotations
 
 import torch
 
+# Largest stored magnitude per quantized cache dtype (448: e4m3fn's largest finite value).
+KV_QUANT_MAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x [..., head_size] -> (q [..., head_size] of `dtype`, fp32 scales [...]).
+
+    The rule of the native op: in fp32, s = max|x| / QMAX and q = x / s, rounded half to even
+    (int8, clamped to +-127) or to nearest even (e4m3); an all-zero row gives q = 0, s = 0.
+    """
+    xf = x.float()
+    s = xf.abs().amax(dim=-1) / KV_QUANT_MAX[dtype]
+    zero = s == 0
+    q = xf / torch.where(zero, torch.ones_like(s), s).unsqueeze(-1)
+    q = q.masked_fill(zero.unsqueeze(-1), 0.0)
+    if dtype == torch.int8:
+        return torch.round(q).clamp(-127, 127).to(torch.int8), s
+    return q.to(dtype), s
+
+
+def dequantize_kv(cache: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """A quantized cache [..., head_size] with scales [...] -> the fp32 values it stands for."""
+    return cache.float() * scales.unsqueeze(-1)
+
+
+def reshape_and_cache_quantized(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    k_scales: torch.Tensor,
+    v_scales: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reshape_and_cache into an int8 / float8_e4m3fn cache: returns the new (key_cache,
+    value_cache, k_scales, v_scales), each token's rows quantized by quantize_kv."""
+    kq, ks = quantize_kv(key, key_cache.dtype)
+    vq, vs = quantize_kv(value, value_cache.dtype)
+    out = [key_cache.clone(), value_cache.clone(), k_scales.clone(), v_scales.clone()]
+    block_size = key_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot == -1:
+            continue
+        at = (slot // block_size, slot % block_size)
+        for dst, src in zip(out, (kq, vq, ks, vs), strict=True):
+            dst[at] = src[t]
+    return out[0], out[1], out[2], out[3]
+
 
 def reshape_and_cache(
     key: torch.Tensor,
