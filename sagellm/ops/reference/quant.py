@@ -54,6 +54,13 @@ def dequantize_gguf(weight: torch.Tensor, qtype: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(dequantize(w, GGMLQuantizationType(qtype))))
 
 
+def gguf_dequantize(
+    weight: torch.Tensor, qtype: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 [R, row_bytes] -> [R, K] in dtype: dequantize_gguf, rounded to nearest-even."""
+    return dequantize_gguf(weight.cpu(), qtype).to(device=weight.device, dtype=dtype)
+
+
 def quantize_activations(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """input [M, K] -> (q float32 [M, K] of integers in [-127, 127], d float32 [M, K / 32]).
 
@@ -116,3 +123,73 @@ def quantize_activations_error_bound(input: torch.Tensor, weight_f: torch.Tensor
     step = x.abs().amax(dim=-1) / 254.0
     wsum = weight_f.to(torch.float64).abs().reshape(-1, k // BLOCK, BLOCK).sum(dim=-1)
     return step @ wsum.T
+
+
+# ---- weight-only int8 / int4 and FP8 W8A8 ----------------------------------------------------
+
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K], fp32 [N] -> float64 [N, K]: weight * scales[:, None]."""
+    return weight.to(torch.float64) * scales.to(torch.float64)[:, None]
+
+
+def dequantize_int4(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """uint8 [N, K / 2] packed nibbles -> float64 [N, K]: (q - zeros) * scales per group."""
+    n = weight.shape[0]
+    q = torch.stack((weight & 15, weight >> 4), dim=-1).reshape(n, -1).to(torch.float64)
+    z = zeros.to(torch.float64) if zeros is not None else torch.full_like(scales, 8.0).double()
+    s = scales.to(torch.float64)
+    return (q - z.repeat_interleave(group_size, dim=1)) * s.repeat_interleave(group_size, dim=1)
+
+
+def _linear(input, w, bias):
+    y = input.to(torch.float64) @ w.T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(input.dtype)
+
+
+def int8_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """input [M, K] @ dequantize_int8(weight [N, K], scales [N]).T + bias -> [M, N], computed in
+    float64 and rounded once to input's dtype."""
+    return _linear(input, dequantize_int8(weight, scales).to(input.device), bias)
+
+
+def int4_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None = None,
+    group_size: int = 128,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """input [M, K] @ dequantize_int4(weight [N, K / 2], ...).T + bias -> [M, N], float64 then
+    rounded once to input's dtype."""
+    w = dequantize_int4(weight, scales, zeros, group_size).to(input.device)
+    return _linear(input, w, bias)
+
+
+def fp8_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The product fp8_linear computes, in float64 [M, N] (unrounded): input rounded per token to
+    e4m3 as the wrapper does (max |x| / 448 scale), times the e4m3 weight * weight_scale."""
+    x = input.to(torch.float32)
+    amax = x.abs().amax(dim=1, keepdim=True)
+    xs = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    xq = (x / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(torch.float64) * xs.double()
+    w = weight.to(torch.float64) * weight_scale.to(torch.float64).reshape(-1, 1)
+    y = xq @ w.T
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y
