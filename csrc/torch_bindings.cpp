@@ -105,4 +105,14 @@ TORCH_LIBRARY(sagellm, m) {
   m.def(
       "int4_linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor scales, Tensor? zeros, "
       "int group_size, Tensor? bias) -> ()");
+
+  // ---- collectives (csrc/comm/) ------------------------------------------------------------
+  // Through the torch.distributed group named group_name (its group_name attribute): gloo on
+  // CPU tensors, NCCL on CUDA; the group's timeout applies. Tensors contiguous; fp32, fp16,
+  // bf16, int32 or int64. all_reduce: tensor = sum over ranks, in place.
+  m.def("all_reduce(Tensor(a!) tensor, str group_name) -> ()");
+  // out [world * n, ...] = the input [n, ...] of every rank, in rank order along dim 0.
+  m.def("all_gather(Tensor(a!) out, Tensor input, str group_name) -> ()");
+  // tensor = rank src's tensor (src: a rank within the group), in place.
+  m.def("broadcast(Tensor(a!) tensor, int src, str group_name) -> ()");
 }

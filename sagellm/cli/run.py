@@ -36,6 +36,12 @@ def add_arguments(p) -> None:
         choices=["auto", "int8", "fp8_e4m3"],
         help="KV cache storage: the model dtype, or 1-byte int8 / fp8 with scales (auto)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="split the model over N ranks, one process each (under torchrun: its world size)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stderr")
@@ -59,13 +65,33 @@ def format_metrics(m, load_s: float | None = None) -> str:
 
 
 def run(args) -> int:
+    import dataclasses
     import json
 
+    from sagellm.distributed.group import env_launch
     from sagellm.runtime.config import EngineConfig
     from sagellm.runtime.engine import LLMEngine
     from sagellm.runtime.params import SamplingParams
 
+    engine = None
     try:
+        config = EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            kv_cache_dtype=args.kv_cache_dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            num_threads=args.threads,
+            load_progress=sys.stderr.isatty(),
+        )
+        launched = env_launch()
+        if launched and config.tensor_parallel_size == 1:  # torchrun's world size decides
+            config = dataclasses.replace(config, tensor_parallel_size=launched[1])
+        if launched and launched[0] > 0:  # a torchrun worker: serve rank 0's steps, print nothing
+            from sagellm.runtime.tp_executor import worker_main
+
+            worker_main(config)
+            return 0
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -74,16 +100,7 @@ def run(args) -> int:
             seed=args.seed,
             ignore_eos=args.ignore_eos,
         )
-        engine = LLMEngine(
-            EngineConfig(
-                model=args.model,
-                dtype=args.dtype,
-                device=args.device,
-                kv_cache_dtype=args.kv_cache_dtype,
-                num_threads=args.threads,
-                load_progress=sys.stderr.isatty(),
-            )
-        )
+        engine = LLMEngine(config)
         prompt = args.prompt
         tok = engine.tokenizer
         if not args.raw and tok.has_chat_template:
@@ -106,6 +123,9 @@ def run(args) -> int:
         reason = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"sage-llm run: error: {reason or type(e).__name__}", file=sys.stderr)
         return 1
+    finally:
+        if engine is not None:
+            engine.close()
     if args.no_stream:
         sys.stdout.write(final.text)
     sys.stdout.write("\n")

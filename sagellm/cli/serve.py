@@ -31,6 +31,7 @@ _SERVE_FLAGS = (
     "max_num_batched_tokens",
     "kv_cache_memory_gb",
     "kv_cache_dtype",
+    "tensor_parallel_size",
     "num_threads",
     "max_concurrent",
     "max_queue",
@@ -92,6 +93,12 @@ def add_serve_arguments(p) -> None:
         choices=["auto", "int8", "fp8_e4m3"],
         help="KV cache storage: the model dtype, or 1-byte int8 / fp8 with scales (auto)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=None,
+        help="split the model over N ranks, one process each (1)",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (all cores)")
     _common(p, 8000)
     p.set_defaults(func=run_serve)
@@ -135,6 +142,7 @@ def serve_configs(settings):
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_memory_gb=settings.kv_cache_memory_gb,
         kv_cache_dtype=settings.kv_cache_dtype,
+        tensor_parallel_size=settings.tensor_parallel_size,
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,
     )

@@ -57,6 +57,7 @@ class Settings(BaseModel):
     max_num_batched_tokens: int = Field(default=1024, ge=1)
     kv_cache_memory_gb: float | None = Field(default=None, gt=0)
     kv_cache_dtype: KVCacheDtype = "auto"
+    tensor_parallel_size: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(default=None, ge=1)
     max_concurrent: int = Field(default=64, ge=1)
@@ -201,6 +202,8 @@ kv_cache_memory_gb: null
 # KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (1 byte per value + a scale per
 # token and head: about 2x (bf16) to 4x (fp32) the tokens in the same memory).
 kv_cache_dtype: auto
+# Split the model over N ranks (one process each; gloo on CPUs, NCCL on GPUs).
+tensor_parallel_size: 1
 enable_prefix_caching: true
 num_threads: null
 

@@ -49,6 +49,7 @@ _SETTINGS_ENV = [
     "MAX_NUM_BATCHED_TOKENS",
     "KV_CACHE_MEMORY_GB",
     "KV_CACHE_DTYPE",
+    "TENSOR_PARALLEL_SIZE",
     "ENABLE_PREFIX_CACHING",
     "NUM_THREADS",
     "MAX_CONCURRENT",
@@ -110,6 +111,7 @@ class SubprocessEngine(EngineHandle):
             "MAX_NUM_BATCHED_TOKENS": c.max_num_batched_tokens,
             "KV_CACHE_MEMORY_GB": c.kv_cache_memory_gb,
             "KV_CACHE_DTYPE": c.kv_cache_dtype,
+            "TENSOR_PARALLEL_SIZE": c.tensor_parallel_size,
             "ENABLE_PREFIX_CACHING": "true" if c.enable_prefix_caching else "false",
             "NUM_THREADS": c.num_threads,
         }

@@ -5,12 +5,17 @@ Forward contract (one engine step, a packed batch without padding):
     hidden = model(input_ids [T] int64, positions [T] int64, kv_caches: list per layer of
                    [2, num_blocks, block_size, num_kv_heads, head_size], meta: AttentionMetadata)
     logits = model.compute_logits(hidden[rows])          # [rows, vocab], fp32
+
+Under tensor parallelism (`tp`, a TPGroup of 2+ ranks) every rank builds its shard of the model
+and runs the same forward with the same inputs; the layers' collectives make `hidden` and the
+logits whole on every rank, and the KV cache holds only this rank's KV heads.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +25,10 @@ from sagellm.models.errors import CorruptCheckpointError
 from sagellm.models.gguf_loader import GGUFWeight
 from sagellm.models.layers.linear import GGUFWeights, Linear
 from sagellm.models.layers.norm import RMSNorm
+from sagellm.models.sharded_checkpoint import LazyWeight
+
+if TYPE_CHECKING:
+    from sagellm.distributed.group import TPGroup
 
 
 class CausalLM(nn.Module):
@@ -30,9 +39,31 @@ class CausalLM(nn.Module):
     # Checkpoint Conv1D weights stored [in, out] (GPT-2): transposed at load.
     transposed_names: list[str] = []
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str):
+    # Whether the architecture can be split across ranks (its layers take a TPGroup).
+    supports_tensor_parallel = False
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        tp: TPGroup | None = None,
+    ):
         super().__init__()
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        if tp is not None and tp.size > 1 and not self.supports_tensor_parallel:
+            from sagellm.models.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"{config.architecture} has no tensor-parallel implementation "
+                "(llama, mistral, qwen2, qwen3, gemma3 have)"
+            )
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.heads = None  # this rank's HeadSplit under tensor parallelism
+        if self.tp is not None:
+            from sagellm.distributed.sharding import split_heads
+
+            self.heads = split_heads(config.num_heads, config.num_kv_heads, tp.size, tp.rank)
 
     # -- shapes ----------------------------------------------------------------------------
     @property
@@ -41,7 +72,8 @@ class CausalLM(nn.Module):
 
     @property
     def num_kv_heads(self) -> int:
-        return self.config.num_kv_heads
+        """KV heads this rank caches (all of them without tensor parallelism)."""
+        return self.heads.num_kv_heads if self.heads is not None else self.config.num_kv_heads
 
     @property
     def head_size(self) -> int:
@@ -62,7 +94,8 @@ class CausalLM(nn.Module):
         """Load checkpoint tensors by their Hugging Face names; every parameter must be set.
 
         A GGUFWeight (GGUF blocks kept as stored) switches the Linear it lands in to GGUFWeights
-        before anything is loaded into it; anywhere else it is dequantized.
+        before anything is loaded into it; anywhere else it is dequantized. A LazyWeight
+        (sharded_checkpoint) is read when loaded: a split Linear reads only its slice.
         """
         modules = dict(self.named_modules())
         params = dict(self.named_parameters())
@@ -85,7 +118,8 @@ class CausalLM(nn.Module):
             mod_name, _, leaf = target.rpartition(".")
             plan.append((name, target, mod_name, modules.get(mod_name), leaf, shard, tensor))
         for *_, module, leaf, _, tensor in plan:
-            if isinstance(module, Linear) and leaf == "weight" and isinstance(tensor, GGUFWeight):
+            blocks = isinstance(tensor, GGUFWeight) or getattr(tensor, "keeps_blocks", False)
+            if isinstance(module, Linear) and leaf == "weight" and blocks:
                 module.use_method(GGUFWeights())
         loaded: set[str] = set()
         for name, target, mod_name, module, leaf, shard, tensor in plan:
@@ -93,6 +127,8 @@ class CausalLM(nn.Module):
                 (module.load_weight if leaf == "weight" else module.load_bias)(tensor, shard)
                 loaded.add(f"{mod_name}.{leaf}" + (f"[{shard}]" if shard else ""))
                 continue
+            if isinstance(tensor, LazyWeight):
+                tensor = tensor.load()
             if isinstance(tensor, GGUFWeight):
                 tensor = tensor.dequantize(self.dtype)
             if isinstance(module, RMSNorm) and leaf == "weight":

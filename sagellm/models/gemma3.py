@@ -9,10 +9,16 @@ from torch import nn
 from sagellm.models.config import ModelConfig
 from sagellm.models.layers.attention import PagedAttention
 from sagellm.models.layers.direct_call import DirectCall
-from sagellm.models.layers.linear import Embedding, Linear
 from sagellm.models.layers.norm import RMSNorm
 from sagellm.models.layers.rotary import RotaryEmbedding
-from sagellm.models.llama import GatedMLP, LlamaForCausalLM
+from sagellm.models.llama import (
+    GatedMLP,
+    LlamaForCausalLM,
+    attention_projections,
+    local_heads,
+    row_parallel_call,
+    token_embedding,
+)
 
 
 def is_sliding(cfg: ModelConfig, i: int) -> bool:
@@ -31,21 +37,13 @@ def rotaries_for(cfg: ModelConfig, device) -> dict[bool, RotaryEmbedding]:
 
 
 class Gemma3Attention(DirectCall, nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding, tp=None):
         super().__init__()
-        h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        heads = local_heads(cfg, tp)
+        h, kh, d = heads.num_heads, heads.num_kv_heads, cfg.head_size
         kw = dict(dtype=dtype, device=device)
         self.sizes, self.head_size = [h * d, kh * d, kh * d], d
-        self.qkv_proj = Linear(
-            cfg.hidden_size,
-            shards=[("q", h * d), ("k", kh * d), ("v", kh * d)],
-            bias=cfg.attention_bias,
-            name=f"layers.{i}.qkv_proj",
-            **kw,
-        )
-        self.o_proj = Linear(
-            h * d, cfg.hidden_size, bias=cfg.attention_out_bias, name=f"layers.{i}.o_proj", **kw
-        )
+        self.qkv_proj, self.o_proj = attention_projections(cfg, i, heads, tp, dtype, device)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, offset=1.0, **kw)
         sliding = is_sliding(cfg, i)
@@ -65,16 +63,16 @@ class Gemma3Attention(DirectCall, nn.Module):
         q = self.q_norm(q.reshape(-1, d)).view(-1, self.sizes[0])
         k = self.k_norm(k.reshape(-1, d)).view(-1, self.sizes[1])
         self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        return row_parallel_call(self.o_proj, self.attn(q, k, v, kv_cache, meta))
 
 
 class Gemma3DecoderLayer(DirectCall, nn.Module):
-    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, i: int, dtype, device, rotary: RotaryEmbedding, tp=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device, offset=1.0)
-        self.self_attn = Gemma3Attention(cfg, i, dtype, device, rotary)
+        self.self_attn = Gemma3Attention(cfg, i, dtype, device, rotary, tp)
         self.mlp = GatedMLP(
-            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, False, i, dtype, device
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, False, i, dtype, device, tp
         )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
@@ -89,16 +87,14 @@ class Gemma3DecoderLayer(DirectCall, nn.Module):
 
 
 class Gemma3Model(DirectCall, nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp=None):
         super().__init__()
-        self.embed_tokens = Embedding(
-            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device, name="embed_tokens"
-        )
+        self.embed_tokens = token_embedding(cfg, tp, dtype, device)
         # HF multiplies by sqrt(hidden) rounded to the model dtype.
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype).item()
         rotary = rotaries_for(cfg, device)
         self.layers = nn.ModuleList(
-            Gemma3DecoderLayer(cfg, i, dtype, device, rotary[is_sliding(cfg, i)])
+            Gemma3DecoderLayer(cfg, i, dtype, device, rotary[is_sliding(cfg, i)], tp)
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(

@@ -47,13 +47,14 @@ def set_cuda_index_checks(on: bool) -> None:
 
 # Importing the families registers every op's fake kernel, so torch.compile can trace any op
 # as soon as sagellm.ops is imported.
-from sagellm.ops import activation, attention, cache, linear, norm, quant, rotary  # noqa: E402
+from sagellm.ops import activation, attention, cache, comm, linear, norm, quant, rotary  # noqa: E402
 
 __all__ = [
     "activation",
     "attention",
     "build_info",
     "cache",
+    "comm",
     "cpu_isa",
     "cuda_index_checks",
     "linear",

@@ -115,6 +115,8 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.close()  # tensor-parallel workers, if any
 
     # -- engine thread -------------------------------------------------------------------------
     def _send(self, cmd) -> None:

@@ -43,6 +43,10 @@ class EngineConfig:
         and KV head (symmetric, scale = max|row| / 127 or / 448), so the same memory holds about
         2x (bf16) to 4x (fp32) as many tokens. A device or build that cannot run it is refused at
         start-up.
+    tensor_parallel_size: ranks the model is split over (one process each: the engine starts
+        the others, or joins a torchrun launch); gloo on the CPU, NCCL on CUDA (one GPU a rank).
+    distributed_timeout_s: how long any collective may wait for a peer before the engine
+        raises (a dead or hung worker).
     """
 
     model: str | None = None
@@ -63,6 +67,8 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
     kv_cache_dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    distributed_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         def bad(field: str, value, allowed: str) -> ValueError:
@@ -88,6 +94,10 @@ class EngineConfig:
             raise bad("num_threads", self.num_threads, ">= 1")
         if self.cuda_graph_max_batch < 1:
             raise bad("cuda_graph_max_batch", self.cuda_graph_max_batch, ">= 1")
+        if isinstance(self.tensor_parallel_size, bool) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", self.tensor_parallel_size, ">= 1")
+        if not self.distributed_timeout_s > 0:
+            raise bad("distributed_timeout_s", self.distributed_timeout_s, "> 0")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", self.kv_cache_dtype, "auto, int8 or fp8_e4m3")
         if self.kv_cache_dtype != "auto" and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:

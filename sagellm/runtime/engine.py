@@ -60,24 +60,36 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolved_device()
         t0 = time.perf_counter()
-        ckpt = load_checkpoint(
-            config.model,
-            dtype=lambda cfg, fmt: config.resolved_dtype(
-                DTYPES.get(cfg.torch_dtype), fmt, self.device
-            ),
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            progress=config.load_progress,
-            # "auto" keeps a GGUF file's block weights as stored wherever gguf_linear runs them
-            # on this device; a dtype named explicitly asks for dense weights in that dtype.
-            quantized_on=self.device if config.dtype == "auto" else None,
-        )
+        self.executor = None
+        if config.tensor_parallel_size > 1:
+            from sagellm.runtime.tp_executor import TPExecutor
+
+            # Rank 0 of N: starts (or joins) the workers; every rank reads only its slices.
+            self.executor = TPExecutor(config)
+            self.device = self.executor.device
+            ckpt = self.executor.checkpoint
+        else:
+            ckpt = load_checkpoint(
+                config.model,
+                dtype=lambda cfg, fmt: config.resolved_dtype(
+                    DTYPES.get(cfg.torch_dtype), fmt, self.device
+                ),
+                revision=config.revision,
+                trust_remote_code=config.trust_remote_code,
+                progress=config.load_progress,
+                # "auto" keeps a GGUF file's block weights as stored wherever gguf_linear runs
+                # them on this device; a dtype named explicitly asks for dense weights.
+                quantized_on=self.device if config.dtype == "auto" else None,
+            )
         self.model_config, self.tokenizer = ckpt.config, ckpt.tokenizer
         self.source, self.format, self.dtype = ckpt.source, ckpt.format, ckpt.dtype
         # stored weight type -> (kernel, tensors): what `sage-llm info` and the load log name
         self.weight_kernels = ckpt.weight_kernels
-        self.model = build_model(ckpt.config, self.dtype, self.device)
-        self.model.load_weights(ckpt.weights.items())
+        if self.executor is not None:
+            self.model = self.executor.model
+        else:
+            self.model = build_model(ckpt.config, self.dtype, self.device)
+            self.model.load_weights(ckpt.weights.items())
         del ckpt  # the weights are in the model now
         self.load_time_s = time.perf_counter() - t0
 
@@ -95,7 +107,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.kv_dtype)
+        if self.executor is not None:
+            self.runner = self.executor.make_runner(num_blocks, bs, self.kv_dtype)
+        else:
+            self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.kv_dtype)
         log.info(
             "KV cache: %s, %d blocks x %d tokens (%d bytes per token, %.1f MiB); attention: %s",
             self.kv_cache_dtype,
@@ -155,6 +170,12 @@ class LLMEngine:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.block_manager.num_blocks * self.config.block_size
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any; the engine cannot step afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
 
     # -- requests ----------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Seq[int]) -> list[int]:

@@ -8,21 +8,35 @@ takes the method its checkpoint tensors call for (CausalLM.load_weights switches
 GGUFWeights when it is given a GGUFWeight), so model code never names one.
 
 `Embedding` is a Linear read by rows: the token table, which a tied LM head multiplies with.
+
+Tensor parallelism (a `TPGroup` given to the layer): a column-parallel Linear holds a contiguous
+range of each shard's output rows (`row_slices`; the q, k, v or gate, up rows of its own heads
+or intermediate columns) and, for an LM head, all-gathers its outputs; a row-parallel Linear
+holds a range of input columns (`col_slice`) and all-reduces its partial products, its bias
+added by rank 0 only. An exact row-parallel layer (`input_sizes`) holds a range of output rows
+instead, all-gathers its input, multiplies over the whole K and all-gathers its outputs: every
+output element is then the same dot product as on one process, which keeps quantized-activation
+kernels (GGUF's int8 activation blocks amplify summation-order differences) bit-identical. A layer narrows each checkpoint tensor to its slice before anything is
+copied (`narrow_weight`); a `LazyWeight` (sagellm.models.sharded_checkpoint) reads only that
+slice from the file. `VocabParallelEmbedding` holds a range of the vocabulary.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
-from gguf.quants import dequantize
 from torch import nn
 
 from sagellm.models.gguf_loader import GGUFWeight
 from sagellm.models.layers.direct_call import DirectCall
+from sagellm.models.sharded_checkpoint import LazyWeight, narrow_gguf
 from sagellm.ops import linear as linear_ops
 from sagellm.ops import quant as quant_ops
+
+if TYPE_CHECKING:
+    from sagellm.distributed.group import TPGroup
 
 
 class WeightMethod:
@@ -220,13 +234,12 @@ class GGUFWeights(WeightMethod):
         _, _, qtype, w = self.parts[0]
         if qtype is None:
             return F.embedding(ids, w)
-        # Only the looked-up rows are expanded: a step reads a few rows of a table that, dense,
-        # would be 4-8x its file size (Gemma 3 270M: 262k x 640). numpy's dequantizer costs
-        # ~30 us for one row, noise beside a decode step.
-        picked = w.index_select(0, ids.reshape(-1)).cpu().numpy()
-        dense = dequantize(picked, GGMLQuantizationType(qtype))
-        out = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
-        return out.to(device=ids.device, dtype=layer.dtype).view(*ids.shape, layer.in_features)
+        # Only the looked-up rows are expanded, on the table's device: a step reads a few rows of
+        # a table that, dense, would be 4-8x its file size (Gemma 3 270M: 262k x 640), and on a
+        # GPU nothing goes through the host, so a decode step can be captured in a CUDA graph.
+        picked = w.index_select(0, ids.reshape(-1))
+        out = quant_ops.gguf_dequantize(picked, qtype, layer.dtype)
+        return out.view(*ids.shape, layer.in_features)
 
     def describe(self) -> list[tuple[int | None, int]]:
         """(qtype or None for dense, rows) of each part, in output order."""
@@ -237,11 +250,28 @@ def _qtype(w: GGUFWeight | torch.Tensor) -> int | None:
     return w.qtype if isinstance(w, GGUFWeight) else None
 
 
+def narrow_weight(weight, dim: int, start: int, size: int, what: str):
+    """weight's [start, start + size) along dim (0: rows, 1: columns), reading no more of it
+    than that when it is a LazyWeight. A GGUF weight split between columns stays in its block
+    format when the split falls on block boundaries, else that slice is dequantized (logged)."""
+    if isinstance(weight, LazyWeight):
+        return weight.narrow(dim, start, size, what)
+    if isinstance(weight, GGUFWeight):
+        return narrow_gguf(weight, dim, start, size, what)
+    return weight.narrow(dim, start, size)
+
+
 class Linear(DirectCall, nn.Module):
     """y = x W^T + b, with W [out_features, in_features].
 
     `shards` names the output slices of a fused projection, e.g. [("q", 576), ("k", 192),
     ("v", 192)] for qkv; checkpoint tensors are loaded per shard.
+
+    Tensor parallelism (`tp`): `row_slices` maps each shard (None for an unfused layer) to the
+    (start, size) of the checkpoint's rows this rank holds (column-parallel; sizes equal the
+    shard sizes); `gather` all-gathers the outputs of a column-parallel layer, whose ranks hold
+    `gather_sizes` outputs each. `col_slice` is the (start, size) of the checkpoint's input
+    columns this rank holds (row-parallel, size == in_features): outputs are all-reduced.
     """
 
     def __init__(
@@ -255,8 +285,15 @@ class Linear(DirectCall, nn.Module):
         device: torch.device | str = "cpu",
         method: WeightMethod | None = None,
         name: str = "",
+        tp: TPGroup | None = None,
+        row_slices: dict[str | None, tuple[int, int]] | None = None,
+        col_slice: tuple[int, int] | None = None,
+        gather_sizes: list[int] | None = None,
+        input_sizes: list[int] | None = None,
     ):
         super().__init__()
+        if row_slices and col_slice:
+            raise ValueError(f"{name}: a layer splits either its rows or its columns, not both")
         if shards:
             total = sum(size for _, size in shards)
             if out_features is not None and out_features != total:
@@ -270,11 +307,22 @@ class Linear(DirectCall, nn.Module):
         for shard, size in shards or []:
             self._shards[shard] = (offset, size)
             offset += size
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        self.row_slices = dict(row_slices or {}) if self.tp else {}
+        self.col_slice = col_slice if self.tp else None
+        self.gather_sizes = gather_sizes if self.tp else None
+        self.input_sizes = input_sizes if self.tp else None
+        if self.col_slice is not None and self.col_slice[1] != in_features:
+            raise ValueError(
+                f"{name}: col_slice {self.col_slice} does not hold {in_features} columns"
+            )
+        # A row-parallel layer's bias is added by rank 0 alone, so the all-reduce adds it once.
+        self._drop_bias = bool(bias and self.col_slice is not None and self.tp.rank != 0)
         self.method = method or DenseWeights()
         self.method.create(self)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
+            if bias and not self._drop_bias
             else None
         )
 
@@ -299,14 +347,32 @@ class Linear(DirectCall, nn.Module):
         self.method = method
         method.create(self)
 
+    def _local(self, tensor, shard: str | None, is_bias: bool):
+        """The part of a checkpoint tensor this rank holds."""
+        if shard in self.row_slices:
+            start, size = self.row_slices[shard]
+            return narrow_weight(tensor, 0, start, size, self.describe(shard))
+        if self.col_slice is not None and not is_bias:
+            start, size = self.col_slice
+            return narrow_weight(tensor, 1, start, size, self.describe(shard))
+        if isinstance(tensor, LazyWeight):
+            return tensor.load()
+        return tensor
+
     def load_weight(self, weight, shard: str | None = None) -> None:
-        """Load a checkpoint tensor (or GGUFWeight) into the whole layer or one shard."""
-        self.method.load(self, shard, weight)
+        """Load a checkpoint tensor (GGUFWeight, LazyWeight) into the whole layer or one shard;
+        under tensor parallelism only this rank's slice of it."""
+        self.method.load(self, shard, self._local(weight, shard, is_bias=False))
 
     def finish_loading(self) -> None:
         self.method.finish(self)
 
     def load_bias(self, bias: torch.Tensor, shard: str | None = None) -> None:
+        if self._drop_bias:
+            return
+        bias = self._local(bias, shard, is_bias=True)
+        if isinstance(bias, GGUFWeight):
+            bias = bias.dequantize(self.dtype)
         if self.bias is None:
             raise ValueError(f"{self.describe(shard)} has no bias, but the checkpoint has one")
         start, size = self.shard_range(shard)
@@ -317,7 +383,18 @@ class Linear(DirectCall, nn.Module):
         self.bias.data[start : start + size].copy_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        if self.tp is None:
+            return y
+        if self.col_slice is not None:
+            return self.tp.all_reduce(y)
+        if self.gather_sizes is not None:
+            return self.tp.all_gather(y, self.gather_sizes)
+        return y
+
+    def forward_gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact row-parallel: x holds this rank's input columns; every rank's are gathered."""
+        return self.forward(self.tp.all_gather(x, self.input_sizes))
 
 
 class Embedding(Linear):
@@ -333,3 +410,31 @@ class Embedding(Linear):
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+
+class VocabParallelEmbedding(Embedding):
+    """An Embedding whose rank holds the rows [start, start + size) of the vocabulary.
+
+    Lookup: each rank writes the rows of the ids it holds and zeros elsewhere; an all-reduce sums
+    them into every rank's full result. A tied LM head (`unembed`) gathers every rank's logits.
+    """
+
+    def __init__(self, num: int, dim: int, *, tp: TPGroup, dtype, device, name: str = ""):
+        from sagellm.distributed.sharding import split_range
+
+        self.sizes = [split_range(num, tp.size, r)[1] for r in range(tp.size)]
+        self.start, size = split_range(num, tp.size, tp.rank)
+        self.vocab_size = num
+        super().__init__(size, dim, dtype=dtype, device=device, name=name)
+        self.tp = tp
+        self.row_slices = {None: (self.start, size)}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.out_features)
+        rows = self.method.rows(self, local.masked_fill(outside, 0))
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(rows)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_gather(self.method.apply(self, x), self.sizes)
