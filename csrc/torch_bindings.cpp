@@ -43,7 +43,7 @@ TORCH_LIBRARY(sagellm, m) {
   // Quantized caches (int8 / float8_e4m3fn) also take k_scales/v_scales fp32
   // [num_blocks, block_size, num_kv_heads]: each (token, head) row x is stored as
   // q = x / s with s = max|x| / QMAX (QMAX 127 for int8, rounded half to even; 448 for e4m3,
-  // rounded to nearest even, saturating), s written to the scales (a zero row stores s = 0, q = 0).
+  // rounded to nearest even, saturating), s written to the scales (max|x| < FLT_MIN: s = 0, q = 0).
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, "
       "Tensor(b!) value_cache, Tensor slot_mapping, Tensor(c!)? k_scales=None, "

@@ -7,7 +7,8 @@
 // A quantized cache (int8 / float8_e4m3fn) is written row by row with the rule of
 // common/kv_quant.h and torch_bindings.cpp, which the CUDA op follows bit for bit: per (token,
 // head) row x in fp32, s = max|x| / QMAX and q = x / s by IEEE division, rounded half to even
-// (int8, clamped to +-127) or converted by c10's round-to-nearest-even e4m3 conversion.
+// (int8, clamped to +-127) or converted by c10's round-to-nearest-even e4m3 conversion; a row
+// whose max|x| is below FLT_MIN (zero or subnormal) stores s = 0 and q = 0.
 //
 // Index tensors (slot_mapping, block_mapping) are range-checked serially before any copy, so a
 // bad index raises with its position and value and leaves the caches untouched. The checks are
@@ -23,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -54,16 +56,18 @@ void check_block_mapping(const at::Tensor& block_mapping, const char* op, int64_
                                      op, src_blocks, dst_blocks);
 }
 
-// Quantizes one row of n elements: dst[i] = x[i] / s, returns s (0 for an all-zero row).
+// Quantizes one row of n elements: dst[i] = x[i] / s, returns s. A row with max|x| below
+// FLT_MIN (all zero or subnormal) stores s = 0, q = 0: its subnormal s and quotients would
+// otherwise depend on the device's denormal mode (the CUDA build flushes them to zero).
 template <typename T, typename Q>
 float quantize_row(const T* x, Q* dst, int64_t n, float qmax) {
   float amax = 0.0f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(static_cast<float>(x[i])));
-  const float s = amax / qmax;
-  if (s == 0.0f) {
+  if (amax < std::numeric_limits<float>::min()) {
     std::memset(static_cast<void*>(dst), 0, n * sizeof(Q));
     return 0.0f;
   }
+  const float s = amax / qmax;
   for (int64_t i = 0; i < n; ++i) {
     const float q = static_cast<float>(x[i]) / s;
     if constexpr (std::is_same_v<Q, int8_t>) {

@@ -6,9 +6,9 @@
 //   reshape_and_cache  one CTA per token: its key and value rows (num_kv_heads x head_size,
 //                      token and head strides as given) -> cache slot slot_mapping[t]; -1 skips.
 //                      Quantized caches (int8 / float8_e4m3fn): one warp per (token, K or V,
-//                      head) row: the row's max |x| by a warp reduction, s = max / QMAX, each
-//                      element x / s rounded as the CPU op does (bit-identical caches), s into
-//                      k_scales / v_scales [slot, head].
+//                      head) row: the row's max |x| by a warp reduction, s = max / QMAX (0 with
+//                      q = 0 when max < FLT_MIN), each element x / s rounded as the CPU op does
+//                      (bit-identical caches), s into k_scales / v_scales [slot, head].
 //   copy_blocks        one launch for up to kMaxCaches caches (all layers' key and value caches
 //                      of a model), their pointers passed by value in the kernel parameters, so
 //                      nothing is copied to the device for them and the launch can be captured.
@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -205,12 +206,16 @@ __global__ void __launch_bounds__(kQuantThreads) reshape_and_cache_quant_kernel(
 #pragma unroll
     for (int off = 16; off > 0; off /= 2)
       amax = max_ieee(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float s = div_ieee(amax, a.qmax);
+    // max|x| < FLT_MIN (zero or subnormal row): s = 0, q = 0, as on the CPU. Tested on the bits,
+    // since a float compare of a subnormal s against 0 is itself flushed under fast math; s may
+    // still be subnormal (amax < QMAX * FLT_MIN), and div_ieee then divides by it exactly.
+    const bool tiny = __float_as_uint(amax) < __float_as_uint(FLT_MIN);
+    const float s = tiny ? 0.0f : div_ieee(amax, a.qmax);
     const int64_t dst_row = slot * a.heads + h;
     uint8_t* dst = (is_value ? a.value_cache : a.key_cache) + dst_row * a.head_size;
     // The second read of x hits L1 / L2: the row was just loaded by this warp.
     for (int d = lane; d < a.head_size; d += 32)
-      dst[d] = s == 0.0f ? uint8_t{0} : quantize_elem<Q>(div_ieee(load_f32(x + d), s));
+      dst[d] = tiny ? uint8_t{0} : quantize_elem<Q>(div_ieee(load_f32(x + d), s));
     if (lane == 0) (is_value ? a.v_scales : a.k_scales)[dst_row] = s;
   }
 }

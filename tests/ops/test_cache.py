@@ -468,6 +468,49 @@ def test_quantized_write_rule_by_hand(device, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", KV_QUANT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_write_subnormal_rows(device, kv_dtype, dtype):
+    # A row whose max|x| is below FLT_MIN (subnormal, whatever its signs) stores s = 0, q = 0 on
+    # every device, flush-to-zero or not. A row whose max is FLT_MIN itself is quantized: its
+    # subnormal s divides exactly, so its subnormal elements keep nonzero values.
+    tiny = torch.finfo(torch.float32).tiny
+    qmax = 127.0 if kv_dtype == torch.int8 else 448.0
+    key = torch.tensor(
+        [
+            [1e-39, -3e-39, 0.0, 5e-40, -1e-45, 0.0, 2e-39, 0.0],
+            [tiny, tiny / 2, 1e-40, -tiny, 0.0, 0.0, -tiny / 4, 0.0],
+        ]
+    ).to(dtype)
+    key = key.view(2, 1, 8)
+    value = torch.flip(key, dims=[0])
+    kc, vc, ks, vs = _quant_caches(1, 4, 1, 8, kv_dtype)
+    want = ref.reshape_and_cache_quantized(key, value, kc, vc, ks, vs, torch.tensor([0, 3]))
+    kc, vc, ks, vs = (t.to(device) for t in (kc, vc, ks, vs))
+    cache.reshape_and_cache(
+        key.to(device),
+        value.to(device),
+        kc,
+        vc,
+        torch.tensor([0, 3], device=device),
+        k_scales=ks,
+        v_scales=vs,
+    )
+    for got, expected in zip((kc, vc, ks, vs), want, strict=True):
+        assert torch.equal(_bits(got), _bits(expected))
+    kc, vc, ks, vs = (t.cpu() for t in (kc, vc, ks, vs))
+    # The subnormal row: key at slot 0, value at slot 3.
+    assert ks[0, 0, 0] == 0 and vs[0, 3, 0] == 0
+    assert (_bits(kc)[0, 0] == 0).all() and (_bits(vc)[0, 3] == 0).all()
+    # The FLT_MIN row: value at slot 0, key at slot 3.
+    for q, s in ((kc[0, 3, 0], ks[0, 3, 0]), (vc[0, 0, 0], vs[0, 0, 0])):
+        assert 0 < s < tiny
+        stored = q.float()
+        assert stored[0] == qmax and stored[3] == -qmax
+        assert stored[1] == (64.0 if kv_dtype == torch.int8 else 224.0)  # (tiny / 2) / s
+        assert stored[2] != 0 and stored[6] != 0
+
+
+@pytest.mark.parametrize("kv_dtype", KV_QUANT)
 def test_quantized_write_error_bound(device, kv_dtype):
     # Dequantized rows are within half a step of the input: s / 2 for int8; for e4m3 2^-4 of the
     # value (3 mantissa bits) or half the subnormal step s * 2^-10, whichever is larger.

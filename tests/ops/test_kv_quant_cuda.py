@@ -146,17 +146,34 @@ def check_decode(seq_lens, heads, head_size, block_size, kv_dtype, dtype, window
     torch.testing.assert_close(got, want, **ATTN_TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# Every head size and both block sizes and query dtypes, without their full cross product.
+DECODE_CASES = [
+    (64, 16, torch.bfloat16),
+    (80, 32, torch.float16),
+    (96, 16, torch.float16),
+    (96, 32, torch.bfloat16),
+    (128, 32, torch.bfloat16),
+    (256, 16, torch.float16),
+]
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
-def test_decode_matches_cpu(head_size, block_size, kv_dtype, dtype):
+@pytest.mark.parametrize(("head_size", "block_size", "dtype"), DECODE_CASES)
+def test_decode_matches_cpu(head_size, block_size, dtype, kv_dtype):
     torch.manual_seed(head_size + block_size)
-    check_decode([1, 17, 300, 1000], (8, 2), head_size, block_size, kv_dtype, dtype)
+    check_decode([1, 17, 300, 613], (8, 2), head_size, block_size, kv_dtype, dtype)
 
 
-@pytest.mark.parametrize("heads", [(4, 4), (14, 2), (4, 1), (32, 8), (20, 2)])
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_dtype"),
+    [
+        ((4, 4), torch.int8),
+        ((14, 2), torch.float8_e4m3fn),
+        ((4, 1), torch.int8),
+        ((32, 8), torch.float8_e4m3fn),
+        ((20, 2), torch.int8),
+    ],
+)
 def test_decode_gqa(heads, kv_dtype):
     torch.manual_seed(heads[0])
     check_decode([5, 64, 129], heads, 128, 16, kv_dtype, torch.bfloat16)
@@ -166,26 +183,37 @@ def test_decode_gqa(heads, kv_dtype):
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_decode_window_soft_cap_odd_blocks(dtype, kv_dtype):
     torch.manual_seed(7)
-    lens = [3, 40, 700, 2500]
-    for block_size in (16, 5):
-        check_decode(lens, (8, 2), 128, block_size, kv_dtype, dtype, window=100)
-        check_decode(lens, (8, 2), 64, block_size, kv_dtype, dtype, cap=30.0)
-        check_decode(lens, (8, 2), 256, block_size, kv_dtype, dtype, window=33, cap=5.0)
+    lens = [3, 40, 700]  # beyond both windows
+    check_decode(lens, (8, 2), 128, 16, kv_dtype, dtype, window=100)
+    check_decode(lens, (8, 2), 64, 5, kv_dtype, dtype, cap=30.0)
+    check_decode(lens, (8, 2), 256, 5, kv_dtype, dtype, window=33, cap=5.0)
 
 
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_decode_split_kv_long_context(kv_dtype):
+@pytest.mark.parametrize(
+    ("kv_dtype", "dtype"), [(torch.int8, torch.bfloat16), (torch.float8_e4m3fn, torch.float16)]
+)
+def test_decode_split_kv_long_context(kv_dtype, dtype):
     # Few sequences and long contexts: the planner splits the keys into partitions.
     torch.manual_seed(11)
-    for dtype in (torch.bfloat16, torch.float16):
-        check_decode([8192, 5000, 1], (32, 8), 128, 16, kv_dtype, dtype)
+    check_decode([8192, 5000, 1], (32, 8), 128, 16, kv_dtype, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+# Every head size, both block sizes, every query dtype (fp32, the strictest, at most sizes).
+PREFILL_CASES = [
+    (16, 64, torch.float32),
+    (32, 80, torch.bfloat16),
+    (16, 96, torch.float32),
+    (32, 96, torch.float16),
+    (32, 128, torch.float32),
+    (16, 128, torch.bfloat16),
+    (16, 256, torch.float16),
+    (32, 256, torch.float32),
+]
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("head_size", [64, 80, 96, 128, 256])
-@pytest.mark.parametrize("block_size", [16, 32])
-def test_prefill_matches_cpu(block_size, head_size, kv_dtype, dtype):
+@pytest.mark.parametrize(("block_size", "head_size", "dtype"), PREFILL_CASES)
+def test_prefill_matches_cpu(block_size, head_size, dtype, kv_dtype):
     torch.manual_seed(head_size * block_size)
     # (cached prefix + new tokens) per sequence: fresh prompt, chunk after a prefix, one token.
     q_lens, seq_lens = [37, 20, 1, 64], [37, 150, 9, 64]

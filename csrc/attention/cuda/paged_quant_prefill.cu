@@ -9,7 +9,8 @@
 // loads of the quantized rows), so each K/V byte is read once per tile of query rows. Scores:
 // lane k owns key k of the tile (K rows at a pitch of D + 1 floats: no bank conflicts), query
 // rows broadcast; O += P V: lane d owns columns d, d + 32, ... . Online softmax in fp32 (exp2 of
-// log2e-scaled scores), causal + sliding-window mask, optional tanh soft cap.
+// log2e-scaled scores), causal + sliding-window mask, optional tanh soft cap (prefill_ptx.cuh's
+// fast_tanh, ~1e-7 absolute).
 //
 // Bound: FMA throughput and shared-memory loads, like prefill_simt.cuh: prefill is compute-bound
 // by the new tokens, and the quantized cache halves (fp16) or quarters (fp32) the bytes read.
@@ -28,6 +29,7 @@
 
 #include "attention/cuda/attention_cuda.cuh"
 #include "attention/cuda/paged_quant.cuh"
+#include "attention/cuda/prefill_ptx.cuh"
 #include "attention/cuda/prefill_sched.cuh"
 
 namespace sagellm::cuda {
@@ -243,7 +245,9 @@ __global__ void __launch_bounds__(kThreads)
     const int key = n0 + lane;
 #pragma unroll
     for (int i = 0; i < kRPW; ++i) {
-      float x = s.cap_scale > 0.0f ? s.cap_scale * tanhf(sc[i] * s.score_scale)
+      // Not tanhf: --use_fast_math makes it tanh.approx.f32 (2^-11 relative), which times the
+      // cap moves fp32 scores far beyond the fp32 tolerance; fast_tanh is ~1e-7 absolute.
+      float x = s.cap_scale > 0.0f ? s.cap_scale * prefill::fast_tanh(sc[i] * s.score_scale)
                                    : sc[i] * s.score_scale;
       if (key > row_pos[i] || key <= row_pos[i] - window) x = kNegInf;
       const float m_new = fmaxf(m_run[i], warp_max(x));

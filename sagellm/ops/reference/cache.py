@@ -12,11 +12,13 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     """Rows x [..., head_size] -> (q [..., head_size] of `dtype`, fp32 scales [...]).
 
     The rule of the native op: in fp32, s = max|x| / QMAX and q = x / s, rounded half to even
-    (int8, clamped to +-127) or to nearest even (e4m3); an all-zero row gives q = 0, s = 0.
+    (int8, clamped to +-127) or to nearest even (e4m3); a row whose max|x| is below FLT_MIN (all
+    zero or subnormal) gives q = 0, s = 0, so no device's denormal handling can change it.
     """
     xf = x.float()
-    s = xf.abs().amax(dim=-1) / KV_QUANT_MAX[dtype]
-    zero = s == 0
+    amax = xf.abs().amax(dim=-1)
+    zero = amax < torch.finfo(torch.float32).tiny
+    s = torch.where(zero, torch.zeros_like(amax), amax / KV_QUANT_MAX[dtype])
     q = xf / torch.where(zero, torch.ones_like(s), s).unsqueeze(-1)
     q = q.masked_fill(zero.unsqueeze(-1), 0.0)
     if dtype == torch.int8:
