@@ -168,11 +168,24 @@ def _add_throughput_command(subcommands: argparse._SubParsersAction) -> None:
     parser.set_defaults(bench_run=throughput.run, throughput_parser=parser)
 
 
+def _add_quality_command(subcommands: argparse._SubParsersAction) -> None:
+    from sagellm.bench import quality
+
+    parser = subcommands.add_parser(
+        "quality",
+        help="perplexity and greedy agreement of each weight format and KV dtype vs dense",
+        description=quality.__doc__.split("\n\n")[0],
+    )
+    quality.add_arguments(parser)
+    parser.set_defaults(bench_run=quality.run, quality_parser=parser)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Install the bench subcommands on `parser` (the top-level CLI's `bench` parser)."""
     subcommands = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     _add_op_command(subcommands)
     _add_throughput_command(subcommands)
+    _add_quality_command(subcommands)
     _add_server_commands(subcommands)
 
 

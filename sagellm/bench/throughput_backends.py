@@ -107,6 +107,8 @@ def run_sagellm(args: argparse.Namespace, source: ModelSource, work: Workload) -
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "kv_cache_memory_gb": args.kv_cache_gb,
         "enforce_eager": getattr(args, "enforce_eager", False) or None,
+        # benchmarks/throughput.py --quantization none,int8,int4 sweeps the weight formats
+        "quantization": getattr(args, "quantization", None),
     }
     engine = LLMEngine(
         EngineConfig(

@@ -42,6 +42,12 @@ def add_arguments(p) -> None:
         default=1,
         help="split the model over N ranks, one process each (under torchrun: its world size)",
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8", "int4", "fp8"],
+        help="quantize a dense checkpoint's weights at load (fp8: CUDA only) (none)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--no-stream", action="store_true", help="print the answer only when complete")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON on stderr")
@@ -80,6 +86,7 @@ def run(args) -> int:
             dtype=args.dtype,
             device=args.device,
             kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size,
             num_threads=args.threads,
             load_progress=sys.stderr.isatty(),

@@ -31,6 +31,7 @@ _SERVE_FLAGS = (
     "max_num_batched_tokens",
     "kv_cache_memory_gb",
     "kv_cache_dtype",
+    "quantization",
     "tensor_parallel_size",
     "num_threads",
     "max_concurrent",
@@ -99,6 +100,12 @@ def add_serve_arguments(p) -> None:
         default=None,
         help="split the model over N ranks, one process each (1)",
     )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["none", "int8", "int4", "fp8"],
+        help="quantize a dense checkpoint's weights at load (fp8: CUDA only) (none)",
+    )
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads (all cores)")
     _common(p, 8000)
     p.set_defaults(func=run_serve)
@@ -142,6 +149,7 @@ def serve_configs(settings):
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_memory_gb=settings.kv_cache_memory_gb,
         kv_cache_dtype=settings.kv_cache_dtype,
+        quantization=settings.quantization,
         tensor_parallel_size=settings.tensor_parallel_size,
         enable_prefix_caching=settings.enable_prefix_caching,
         num_threads=settings.num_threads,

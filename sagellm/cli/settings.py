@@ -19,6 +19,7 @@ CONFIG_ENV = "SAGELLM_CONFIG"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 KVCacheDtype = Literal["auto", "int8", "fp8_e4m3"]
+Quantization = Literal["none", "int8", "int4", "fp8"]
 Routing = Literal["round_robin", "least_loaded", "prefix_affinity"]
 
 
@@ -57,6 +58,7 @@ class Settings(BaseModel):
     max_num_batched_tokens: int = Field(default=1024, ge=1)
     kv_cache_memory_gb: float | None = Field(default=None, gt=0)
     kv_cache_dtype: KVCacheDtype = "auto"
+    quantization: Quantization = "none"
     tensor_parallel_size: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(default=None, ge=1)
@@ -202,6 +204,9 @@ kv_cache_memory_gb: null
 # KV cache storage: auto (the model dtype), int8 or fp8_e4m3 (1 byte per value + a scale per
 # token and head: about 2x (bf16) to 4x (fp32) the tokens in the same memory).
 kv_cache_dtype: auto
+# Quantize a dense checkpoint's weights at load: none, int8, int4 (groups of 128) or fp8 (CUDA).
+# AWQ / GPTQ checkpoints are recognised without it; a GGUF file is already quantized.
+quantization: none
 # Split the model over N ranks (one process each; gloo on CPUs, NCCL on GPUs).
 tensor_parallel_size: 1
 enable_prefix_caching: true

@@ -76,6 +76,7 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=1024, gt=0)
     kv_cache_memory_gb: float | None = Field(default=None, gt=0)
     kv_cache_dtype: Literal["auto", "int8", "fp8_e4m3"] = "auto"
+    quantization: Literal["none", "int8", "int4", "fp8"] = "none"
     tensor_parallel_size: int = Field(default=1, ge=1)
     block_size: int = Field(default=16, ge=1, le=1024)
     enable_prefix_caching: bool = True
@@ -139,6 +140,7 @@ class EngineConfig(BaseModel):
             max_num_batched_tokens=self.max_num_batched_tokens,
             kv_cache_memory_gb=self.kv_cache_memory_gb,
             kv_cache_dtype=self.kv_cache_dtype,
+            quantization=self.quantization,
             tensor_parallel_size=self.tensor_parallel_size,
             block_size=self.block_size,
             enable_prefix_caching=self.enable_prefix_caching,

@@ -111,6 +111,7 @@ class SubprocessEngine(EngineHandle):
             "MAX_NUM_BATCHED_TOKENS": c.max_num_batched_tokens,
             "KV_CACHE_MEMORY_GB": c.kv_cache_memory_gb,
             "KV_CACHE_DTYPE": c.kv_cache_dtype,
+            "QUANTIZATION": c.quantization,
             "TENSOR_PARALLEL_SIZE": c.tensor_parallel_size,
             "ENABLE_PREFIX_CACHING": "true" if c.enable_prefix_caching else "false",
             "NUM_THREADS": c.num_threads,

@@ -25,6 +25,7 @@ from sagellm.models.errors import CorruptCheckpointError
 from sagellm.models.gguf_loader import GGUFWeight
 from sagellm.models.layers.linear import GGUFWeights, Linear
 from sagellm.models.layers.norm import RMSNorm
+from sagellm.models.layers.quant_weights import CHECKPOINT_LEAVES, CheckpointTensor
 from sagellm.models.sharded_checkpoint import LazyWeight
 
 if TYPE_CHECKING:
@@ -123,6 +124,19 @@ class CausalLM(nn.Module):
                 module.use_method(GGUFWeights())
         loaded: set[str] = set()
         for name, target, mod_name, module, leaf, shard, tensor in plan:
+            if isinstance(module, Linear) and leaf in CHECKPOINT_LEAVES:
+                # A pre-quantized (AWQ / GPTQ) Linear: its weight method gathers the parts.
+                if not getattr(module.method, "checkpoint", None):
+                    raise CorruptCheckpointError(
+                        f"{name}: a pre-quantized tensor, but {mod_name} was not set up for the "
+                        "checkpoint's quantization_config (see quant_weights.apply_quantization)"
+                    )
+                if isinstance(tensor, LazyWeight):
+                    tensor = tensor.load()
+                module.method.load(module, shard, CheckpointTensor(leaf, tensor))
+                if leaf == "qweight":
+                    loaded.add(f"{mod_name}.weight" + (f"[{shard}]" if shard else ""))
+                continue
             if isinstance(module, Linear) and leaf in ("weight", "bias"):
                 (module.load_weight if leaf == "weight" else module.load_bias)(tensor, shard)
                 loaded.add(f"{mod_name}.{leaf}" + (f"[{shard}]" if shard else ""))

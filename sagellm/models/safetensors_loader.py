@@ -79,9 +79,13 @@ def iter_weights(
             yield from _bin_file(path, dtype)
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # integer buffers (none in the supported models' state dicts, but possible) keep their type
-    return t.to(dtype) if t.is_floating_point() else t
+def _convert(t: torch.Tensor, dtype: torch.dtype, name: str = "") -> torch.Tensor:
+    # integer buffers (AWQ / GPTQ packed weights, g_idx) keep their type, and so do the fp16
+    # scales of those checkpoints: their weight method widens them to fp32 exactly, where a
+    # bf16 model dtype would round them first
+    if not t.is_floating_point() or name.endswith(".scales"):
+        return t
+    return t.to(dtype)
 
 
 def _safetensors_file(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -90,7 +94,7 @@ def _safetensors_file(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, tor
     try:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
-                yield name, _convert(f.get_tensor(name), dtype)
+                yield name, _convert(f.get_tensor(name), dtype, name)
     except (OSError, RuntimeError, ValueError) as e:
         raise CorruptCheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from e
     except Exception as e:
@@ -112,4 +116,4 @@ def _bin_file(path: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tenso
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     for name, tensor in state.items():
-        yield name, _convert(tensor, dtype)
+        yield name, _convert(tensor, dtype, name)

@@ -38,6 +38,11 @@ class EngineConfig:
         decode-only steps (the CPU never uses graphs).
     cuda_graph_max_batch: the largest decode batch captured as a CUDA graph (also bounded by
         max_num_seqs and max_num_batched_tokens); larger decode batches run eagerly.
+    quantization: none | int8 | int4 | fp8: quantize a dense checkpoint's Linear weights at load
+        and keep them quantized (int8: per channel, int8_linear; int4: groups of 128 input
+        columns with zero points, int4_linear; fp8: e4m3 per channel, torch._scaled_mm, CUDA);
+        the token embedding and LM head stay dense. AWQ / GPTQ 4-bit checkpoints are detected
+        from their config.json and need no flag. Refused for a GGUF file (already quantized).
     kv_cache_dtype: auto | int8 | fp8_e4m3: how the KV cache stores keys and values. auto: in the
         model dtype; int8 / fp8_e4m3: one byte per element plus one fp32 scale per cached token
         and KV head (symmetric, scale = max|row| / 127 or / 448), so the same memory holds about
@@ -67,6 +72,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
     kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     tensor_parallel_size: int = 1
     distributed_timeout_s: float = 60.0
 
@@ -98,6 +104,10 @@ class EngineConfig:
             raise bad("tensor_parallel_size", self.tensor_parallel_size, ">= 1")
         if not self.distributed_timeout_s > 0:
             raise bad("distributed_timeout_s", self.distributed_timeout_s, "> 0")
+        if self.quantization not in (None, "none", "int8", "int4", "fp8"):
+            raise bad("quantization", self.quantization, "none, int8, int4 or fp8")
+        if self.quantization == "fp8" and self.device == "cpu":
+            raise ValueError("quantization = 'fp8' runs on CUDA only (torch._scaled_mm)")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", self.kv_cache_dtype, "auto, int8 or fp8_e4m3")
         if self.kv_cache_dtype != "auto" and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:

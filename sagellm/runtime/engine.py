@@ -18,6 +18,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from sagellm.models.checkpoint import load_checkpoint
+from sagellm.models.layers.quant_weights import quantize_for_checkpoint, weight_kernels
 from sagellm.models.registry import build_model
 from sagellm.runtime.block_manager import BlockManager
 from sagellm.runtime.config import DTYPES, EngineConfig
@@ -89,7 +90,14 @@ class LLMEngine:
             self.model = self.executor.model
         else:
             self.model = build_model(ckpt.config, self.dtype, self.device)
+            # --quantization, or an AWQ / GPTQ checkpoint: the Linears switch to a quantized
+            # weight method before anything is loaded.
+            quantize_for_checkpoint(self.model, config.quantization, ckpt)
             self.model.load_weights(ckpt.weights.items())
+        self.quantization = getattr(self.model, "quantization", None)
+        if self.quantization:
+            self.weight_kernels = {**self.weight_kernels, **weight_kernels(self.model)}
+            log.info("weights quantized at load: %s (%s)", self.quantization, self.weight_kernels)
         del ckpt  # the weights are in the model now
         self.load_time_s = time.perf_counter() - t0
 

@@ -39,6 +39,7 @@ from sagellm.distributed.group import (
 )
 from sagellm.models.base import CausalLM
 from sagellm.models.layers.attention import AttentionMetadata
+from sagellm.models.layers.quant_weights import quantize_for_checkpoint
 from sagellm.models.registry import model_class
 from sagellm.models.sharded_checkpoint import load_sharded_checkpoint
 from sagellm.runtime.config import DTYPES, EngineConfig
@@ -80,6 +81,8 @@ def load_shard(config: EngineConfig, tp: TPGroup, device: torch.device, tokenize
     with torch.device(device):
         model: CausalLM = model_class(ckpt.config.architecture)(ckpt.config, ckpt.dtype, device, tp)
     model = model.eval().requires_grad_(False)
+    # Each rank quantizes its own slice (int4 groups fit the slice's input columns).
+    quantize_for_checkpoint(model, config.quantization, ckpt)
     model.load_weights(ckpt.weights.items())
     ckpt.weights = {}
     return ckpt, model
