@@ -9,8 +9,11 @@
 //     prefill sizes the GEMM's FLOPs dominate the one extra weight pass.
 // fp32 input runs only that second path (cuBLAS fp32: slow, for completeness and tests).
 //
-// Instantiations: {fp16, bf16} x {int8, int4} x NT in {1, 2, 4, 8} (tokens per CTA 8..64) and
-// the split-K reduction, the dequantizer for {fp32, fp16, bf16} x {int8, int4}.
+// Instantiations: {fp16, bf16} x {int8, int4} x NT in {1, 2, 4, 8} (tokens per CTA 8..64), each
+// with its row-tile count MT = mt_for<NT, kInt4>() (kernels.cuh; kMaxRowTiles = 1 there gives
+// back the one-tile kernel), the split-K reduction, and the dequantizers (16-byte units with
+// 32-bit index math when rows are multiples of 16 bytes, else the general one) for
+// {fp32, fp16, bf16} x {int8, int4}.
 //
 // zeros values are checked on the host only with sagellm.ops.set_cuda_index_checks(True) and
 // never during graph capture; the kernels read them modulo 16 otherwise.
@@ -38,10 +41,15 @@ namespace {
 
 // Tokens up to which the fused kernel runs (one pass over the weight per 64 tokens); beyond,
 // dequantize + cuBLAS (tensor-core GEMM at full rate, weight read ~2.5x once).
+// Estimate at M = 64 on 14336 x 4096 int4 (H200): dequantize ~35-40 us (29 MB in, 117 MB out)
+// + a bf16 GEMM ~30 us, vs the fused kernel with 2 row tiles per warp (half the activation
+// traffic of the 100-120 us one-tile kernel): ~55-65 us expected, so the fused path stays up
+// to 64. Lower this (e.g. to 32) if the device benchmark shows the other path winning at 64.
 constexpr int64_t kFusedMaxM = 64;
 // A worker (one warp's K-range) should stream at least this many 64-byte chunks per row, or the
-// split-K partial sums cost more than the parallelism gains.
-constexpr int kMinChunksPerWorker = 4;
+// split-K partial sums cost more than the parallelism gains. 2, not 4: with 4 row tiles per
+// warp, N = 4096 at K = 4096 would otherwise leave half the SMs idle (64 CTAs).
+constexpr int kMinChunksPerWorker = 2;
 
 void check_cuda(const char* op, const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.device().is_cuda(), op, ": ", name, " is on ", t.device(),
@@ -64,7 +72,8 @@ int nt_for(int64_t m) {
 // ---- dequantize + cuBLAS ------------------------------------------------------------------
 
 // dst [N, K] (OutT) = dequantized weight; one thread per kVec weight bytes (grid-stride), kVec
-// = 4 when rows are whole 4-byte words (one load per thread, 4 or 8 outputs).
+// = 4 when rows are whole 4-byte words (one load per thread, 4 or 8 outputs). The general
+// path (rows not a multiple of 16 bytes, or more than 2^31 16-byte units).
 template <typename OutT, bool kInt4, int kVec>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scales,
                                   const uint8_t* __restrict__ zeros, int64_t n, int64_t row_bytes,
@@ -102,6 +111,49 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __
   }
 }
 
+// The fast path: rows a multiple of 16 bytes, fewer than 2^31 16-byte units. One thread per
+// 16-byte unit (32 int4 or 16 int8 values, never straddling an int4 group: groups are 32+
+// values, multiples of 32), 32-bit row / column math, 16-byte stores. Same arithmetic as above,
+// so both paths give the same bits.
+template <typename OutT, bool kInt4>
+__global__ void dequantize16_kernel(const uint8_t* __restrict__ q,
+                                    const float* __restrict__ scales,
+                                    const uint8_t* __restrict__ zeros, int units,
+                                    int units_per_row, int groups, int group_shift,
+                                    OutT* __restrict__ dst) {
+  const int u = blockIdx.x * blockDim.x + threadIdx.x;
+  if (u >= units) return;
+  const int r = u / units_per_row, c = u - r * units_per_row;
+  const uint4 w = __ldg(reinterpret_cast<const uint4*>(q) + u);
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  constexpr int kVals = kInt4 ? 32 : 16;
+  alignas(16) OutT v[kVals];
+  if constexpr (kInt4) {
+    // Unit c holds k = 32c .. 32c + 31: group (32c) / group_size = c >> group_shift.
+    const int gi = r * groups + (c >> group_shift);
+    const float s = scales[gi];
+    const float z = zeros != nullptr ? static_cast<float>(zeros[gi] & 15) : 8.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t b = (words[i / 4] >> (8 * (i % 4))) & 0xFFu;
+      v[2 * i] = static_cast<OutT>((static_cast<float>(b & 15) - z) * s);
+      v[2 * i + 1] = static_cast<OutT>((static_cast<float>(b >> 4) - z) * s);
+    }
+  } else {
+    const float s = scales[r];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int8_t b = static_cast<int8_t>((words[i / 4] >> (8 * (i % 4))) & 0xFFu);
+      v[i] = static_cast<OutT>(static_cast<float>(b) * s);
+    }
+  }
+  // Output row r starts at r * K elements; K = 16 * units_per_row * (kInt4 ? 2 : 1).
+  uint4* out = reinterpret_cast<uint4*>(dst + static_cast<int64_t>(u) * kVals);
+  constexpr int kStores = kVals * static_cast<int>(sizeof(OutT)) / 16;
+#pragma unroll
+  for (int i = 0; i < kStores; ++i) out[i] = reinterpret_cast<const uint4*>(v)[i];
+}
+
 template <bool kInt4>
 void dequantize_matmul(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& scales, const uint8_t* zeros, int64_t group_size,
@@ -114,15 +166,25 @@ void dequantize_matmul(at::Tensor& out, const at::Tensor& input, const at::Tenso
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((total / 4 + threads) / threads, 65535 * 8);
     const int64_t groups = kInt4 ? k / group_size : 0;
-    // Weight rows start 4-byte aligned when row_bytes is (the allocation itself is).
+    // Weight rows start 4-byte aligned when row_bytes is (the allocation itself is), 16-byte
+    // aligned when it is a multiple of 16 (weight is contiguous: checked by the entry).
     const bool vec = row_bytes % 4 == 0;
+    const bool vec16 = row_bytes % 16 == 0 && total / 16 < (int64_t{1} << 31) - threads &&
+                       reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dequantize",
                                     [&] {
       const auto* qp = static_cast<const uint8_t*>(weight.data_ptr());
       const float* sp = scales.data_ptr<float>();
       scalar_t* wp = w.data_ptr<scalar_t>();
       const int gs = static_cast<int>(group_size);
-      if (vec) {
+      if (vec16) {
+        const int units = static_cast<int>(total / 16);
+        const int upr = static_cast<int>(row_bytes / 16);
+        const int shift = !kInt4 ? 0 : group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+        dequantize16_kernel<scalar_t, kInt4>
+            <<<(units + threads - 1) / threads, threads, 0, stream>>>(
+                qp, sp, zeros, units, upr, static_cast<int>(groups), shift, wp);
+      } else if (vec) {
         dequantize_kernel<scalar_t, kInt4, 4>
             <<<blocks, threads, 0, stream>>>(qp, sp, zeros, n, row_bytes, groups, gs, wp);
       } else {
@@ -181,7 +243,7 @@ Plan plan(int nt, int mt, int64_t n, int pieces, int sms, int slots) {
 
 template <typename T, bool kInt4, int NT>
 void run_nt(Params& p, int64_t m, const at::Tensor& input, cudaStream_t stream) {
-  constexpr int MT = mt_for<NT>();
+  constexpr int MT = mt_for<NT, kInt4>();
   auto kernel = int_linear_kernel<T, kInt4, NT, MT>;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   // Resident CTAs per SM at the largest shared memory any plan uses (kw = 8 / rw warps' sums);

@@ -20,7 +20,7 @@
 // 32 values, group sizes 32/64/128), so the accumulator needs no per-group rescaling.
 //
 // Grid: x = row blocks of 16 * MT * rw rows, y = split_k K-ranges, z = blocks of 8 * NT tokens.
-// A warp owns MT m16 row tiles (MT = 4 at NT <= 2, 2 above: see mt_for) so that every loaded
+// A warp owns MT m16 row tiles (2 or 4: see mt_for) so that every loaded
 // activation fragment is used MT times. A CTA is 8 warps: rw warps along rows x kw warps along
 // K (kw K-ranges of the CTA's split reduced through shared memory, one row tile at a time).
 // split_k > 1 writes fp32 partial sums to a workspace [split_k, M, N] that a second kernel
@@ -38,12 +38,15 @@ namespace sagellm::int_linear {
 
 constexpr int kWarps = 8;       // warps per CTA
 constexpr int kThreads = 32 * kWarps;
-// Row tiles (m16) per warp: each loaded activation fragment feeds MT tiles. kMaxRowTiles = 1
-// restores the one-tile-per-warp kernel (fallback if the multi-tile one misbehaves).
+// Row tiles (m16) per warp: each loaded activation fragment feeds MT tiles. 4 only for int8
+// at M <= 8 (int4's dequantized fragments of 4 tiles spill at 128 registers); 2 elsewhere.
+// kMaxRowTiles = 1 restores the one-tile-per-warp kernel (fallback if the multi-tile one
+// misbehaves).
 constexpr int kMaxRowTiles = 4;
-template <int NT>
+template <int NT, bool kInt4>
 constexpr int mt_for() {
-  return (NT <= 2 ? 4 : 2) < kMaxRowTiles ? (NT <= 2 ? 4 : 2) : kMaxRowTiles;
+  return ((NT == 1 && !kInt4) ? 4 : 2) < kMaxRowTiles ? ((NT == 1 && !kInt4) ? 4 : 2)
+                                                      : kMaxRowTiles;
 }
 // Chunks per lane per batch (double-buffered: two batches live). With MT = 1: 2 while the
 // accumulators are few, 1 for 32+ tokens. With MT >= 2 a batch already has 2 * MT loads in
@@ -52,10 +55,11 @@ template <int NT, int MT>
 constexpr int unroll_for() {
   return MT >= 2 ? 1 : (NT >= 4 ? 1 : 2);
 }
-// Resident CTAs asked of ptxas: 2 (<= 128 registers) unless the accumulators alone need more.
+// Resident CTAs asked of ptxas: 2 (<= 128 registers) while that does not spill; 32+ tokens
+// with several row tiles need more (checked with -Xptxas -v).
 template <int NT, int MT>
 constexpr int min_blocks_for() {
-  return NT * MT >= 16 ? 1 : 2;
+  return (MT >= 2 && NT >= 4) ? 1 : 2;
 }
 
 struct Params {
@@ -182,21 +186,25 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 
 // One batch of U chunks of a lane's 2 * MT weight rows (+ their int4 group scale and zero).
 // Row r of a lane is row0 + 16 * (r / 2) + g + 8 * (r % 2): tile r / 2, A rows g / g + 8.
+// int4 scales are kept already rounded to T (what the multiply uses), two rows per register,
+// and the zeros as nibbles of one register, so two live batches fit without spilling.
 template <int U, int R>
 struct Batch {
   uint4 q[R][U];
-  float s[R][U];
-  uint32_t z[R][U];
+  uint32_t s[(R + 1) / 2][U];  // row r: 16-bit half r % 2 of s[r / 2]
+  uint32_t z[U];               // row r: bits 4r .. 4r + 3 (R <= 8)
 };
 
-template <bool kInt4, int U, int R>
+template <typename T, bool kInt4, int U, int R>
 __device__ __forceinline__ void load_batch(Batch<U, R>& b, const Params& p, int c, int c_end,
                                            int t, const int (&rows)[R]) {
+  static_assert(R <= 8, "zeros are packed as 8 nibbles");
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int piece = 4 * (c + u) + t;
     const bool ok = c + u < c_end && piece < p.pieces;
     const int64_t off = static_cast<int64_t>(piece) * 16;
+    if constexpr (kInt4) b.z[u] = 0;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const bool ok_r = ok && rows[r] < p.n;
@@ -206,8 +214,14 @@ __device__ __forceinline__ void load_batch(Batch<U, R>& b, const Params& p, int 
         // A piece outside the matrix gets scale 0, so its (0 - z) * 0 adds nothing.
         const int grp = piece >> p.group_shift;
         const int64_t i = static_cast<int64_t>(rows[r]) * p.groups + grp;
-        b.s[r][u] = ok_r ? __ldg(p.scales + i) : 0.f;
-        b.z[r][u] = (ok_r && p.zeros != nullptr) ? (__ldg(p.zeros + i) & 15u) : 8u;
+        const uint32_t sp = Ops<T>::splat(ok_r ? __ldg(p.scales + i) : 0.f);  // (s, s)
+        if (r % 2 == 0) {
+          b.s[r / 2][u] = sp & 0xFFFFu;
+        } else {
+          b.s[r / 2][u] |= sp & 0xFFFF0000u;
+        }
+        const uint32_t z = (ok_r && p.zeros != nullptr) ? (__ldg(p.zeros + i) & 15u) : 8u;
+        b.z[u] |= z << (4 * r);
       }
     }
   }
@@ -236,35 +250,57 @@ __device__ __forceinline__ void compute_batch(float (&acc)[MT][NT][4],
     const int piece = 4 * (c + u) + t;
     const bool ok = c + u < c_end && piece < p.pieces;
     if constexpr (kInt4) {
-      uint32_t mz[2 * MT], sc[2 * MT];
-#pragma unroll
-      for (int r = 0; r < 2 * MT; ++r) {
-        mz[r] = O::kNibbleBias | (b.z[r][u] * 0x00010001u);
-        sc[r] = O::splat(b.s[r][u]);
-      }
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
-        // a[i][0..3]: pairs (k0,k4), (k1,k5), (k2,k6), (k3,k7) of row i (tile i / 2).
-        uint32_t a[2 * MT][4];
+        // Tile mt's A fragments for word w: a[0..3] = pairs (k0,k4), (k1,k5), (k2,k6), (k3,k7)
+        // of row g, a[4..7] the same of row g + 8; exact (q - z) times the T-rounded scale.
+        auto dequant = [&](int mt, uint32_t (&a)[8]) {
 #pragma unroll
-        for (int r = 0; r < 2 * MT; ++r) {
-          const uint32_t wr = word(b.q[r][u], w);
+          for (int h = 0; h < 2; ++h) {
+            const int r = 2 * mt + h;
+            const uint32_t mz = O::kNibbleBias | (((b.z[u] >> (4 * r)) & 15u) * 0x00010001u);
+            const uint32_t sc = __byte_perm(b.s[mt][u], 0, h == 0 ? 0x1010 : 0x3232);
+            const uint32_t wr = word(b.q[r][u], w);
 #pragma unroll
-          for (int s = 0; s < 4; ++s)
-            a[r][s] = O::mul(O::sub(((wr >> (4 * s)) & 0x000F000Fu) | O::kNibbleBias, mz[r]),
-                             sc[r]);
-        }
+            for (int s = 0; s < 4; ++s)
+              a[4 * h + s] =
+                  O::mul(O::sub(((wr >> (4 * s)) & 0x000F000Fu) | O::kNibbleBias, mz), sc);
+          }
+        };
+        auto b_frag = [&](int j, uint32_t (&x)[4]) {
+          const uint4 v = activations<true>(p, tok0 + 8 * j, piece, ok, w);
+          x[0] = __byte_perm(v.x, v.z, 0x5410);  // (k0, k4)
+          x[1] = __byte_perm(v.x, v.z, 0x7632);  // (k1, k5)
+          x[2] = __byte_perm(v.y, v.w, 0x5410);  // (k2, k6)
+          x[3] = __byte_perm(v.y, v.w, 0x7632);  // (k3, k7)
+        };
+        auto mma2 = [&](float (&d)[4], const uint32_t (&a)[8], const uint32_t (&x)[4]) {
+          O::mma(d, a[0], a[4], a[1], a[5], x[0], x[1]);
+          O::mma(d, a[2], a[6], a[3], a[7], x[2], x[3]);
+        };
+        // Keep the smaller operand set live across the other loop: few tokens -> hold the B
+        // fragments of all NT tiles, dequantize one row tile at a time; else the reverse.
+        if constexpr (NT * 4 <= MT * 8) {
+          uint32_t x[NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint4 x = activations<true>(p, tok0 + 8 * j, piece, ok, w);
-          const uint32_t x04 = __byte_perm(x.x, x.z, 0x5410), x15 = __byte_perm(x.x, x.z, 0x7632);
-          const uint32_t x26 = __byte_perm(x.y, x.w, 0x5410), x37 = __byte_perm(x.y, x.w, 0x7632);
+          for (int j = 0; j < NT; ++j) b_frag(j, x[j]);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
-            O::mma(acc[mt][j], a[2 * mt][0], a[2 * mt + 1][0], a[2 * mt][1], a[2 * mt + 1][1],
-                   x04, x15);
-            O::mma(acc[mt][j], a[2 * mt][2], a[2 * mt + 1][2], a[2 * mt][3], a[2 * mt + 1][3],
-                   x26, x37);
+            uint32_t a[8];
+            dequant(mt, a);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) mma2(acc[mt][j], a, x[j]);
+          }
+        } else {
+          uint32_t a[MT][8];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) dequant(mt, a[mt]);
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {
+            uint32_t x[4];
+            b_frag(j, x);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) mma2(acc[mt][j], a[mt], x);
           }
         }
       }
@@ -321,10 +357,10 @@ __global__ void __launch_bounds__(kThreads, min_blocks_for<NT, MT>())
 
   constexpr int U = unroll_for<NT, MT>();
   Batch<U, 2 * MT> cur, next;
-  load_batch<kInt4>(cur, p, c_begin, c_end, t, rows);
+  load_batch<T, kInt4>(cur, p, c_begin, c_end, t, rows);
   for (int c = c_begin; c < c_end; c += U) {
     // Issue the next batch's loads before this batch's math, so HBM reads stay in flight.
-    if (c + U < c_end) load_batch<kInt4>(next, p, c + U, c_end, t, rows);
+    if (c + U < c_end) load_batch<T, kInt4>(next, p, c + U, c_end, t, rows);
     compute_batch<T, kInt4, NT, MT>(acc, cur, p, c, c_end, t, tok0);
     cur = next;
   }
