@@ -43,10 +43,13 @@ constexpr int kThreads = 32 * kWarps;
 // kMaxRowTiles = 1 restores the one-tile-per-warp kernel (fallback if the multi-tile one
 // misbehaves).
 constexpr int kMaxRowTiles = 4;
+// One token tile (M <= 8) keeps one row tile per warp: on the H200 the one-tile kernel streamed
+// int4 weights faster there (1.47-1.87x F.linear at M = 1) than two tiles (1.33-1.56x), and four
+// int8 tiles reached only 0.82-1.10x; from two token tiles on, two row tiles win (M = 64: int4
+// 0.31 -> 0.48x).
 template <int NT, bool kInt4>
 constexpr int mt_for() {
-  return ((NT == 1 && !kInt4) ? 4 : 2) < kMaxRowTiles ? ((NT == 1 && !kInt4) ? 4 : 2)
-                                                      : kMaxRowTiles;
+  return (NT == 1 ? 1 : 2) < kMaxRowTiles ? (NT == 1 ? 1 : 2) : kMaxRowTiles;
 }
 // Chunks per lane per batch (double-buffered: two batches live). With MT = 1: 2 while the
 // accumulators are few, 1 for 32+ tokens. With MT >= 2 a batch already has 2 * MT loads in
