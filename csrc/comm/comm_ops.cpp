@@ -10,9 +10,10 @@
 // blocking forever.
 //
 // The same entry serves CPU and CUDA tensors (the process group picks the backend by device);
-// comm/cuda/comm_ops_cuda.cu attaches it to the CUDA key with a device guard.
-#include <torch/version.h>
+// comm/cuda/custom_all_reduce.cu attaches it to the CUDA key with a device guard.
 #include "comm/comm_ops.h"
+
+#include <torch/version.h>
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>

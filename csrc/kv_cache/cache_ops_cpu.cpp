@@ -72,7 +72,9 @@ float quantize_row(const T* x, Q* dst, int64_t n, float qmax) {
     const float q = static_cast<float>(x[i]) / s;
     if constexpr (std::is_same_v<Q, int8_t>) {
       // |q| <= 127 up to one rounding of the division; the clamp absorbs that.
-      dst[i] = static_cast<int8_t>(std::clamp(std::nearbyint(q), -127.0f, 127.0f));
+      // A NaN input stores 0, as __float2int_rn does on CUDA (casting NaN to int8 is undefined).
+      const float r = std::nearbyint(q);
+      dst[i] = static_cast<int8_t>(std::isnan(r) ? 0.0f : std::clamp(r, -127.0f, 127.0f));
     } else {
       dst[i] = Q(q);  // round to nearest even; a q just above 448 rounds (saturates) to 448
     }

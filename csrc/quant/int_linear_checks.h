@@ -28,7 +28,7 @@ inline void check_int_linear_no_overlap(const char* op, const at::Tensor& out, c
               ": out overlaps ", name, " in memory; out must be a separate buffer");
 }
 
-// input [M, K] (innermost dim contiguous), out [M, N] (innermost dim contiguous), bias [N]: one
+// input [M, K] (any strides), out [M, N] (innermost dim contiguous), bias [N]: one
 // float dtype; k is the K the weight implies (the caller checks the weight's own layout).
 inline IntLinearDims check_int_linear_activations(const char* op, const at::Tensor& out,
                                                   const at::Tensor& input, int64_t n,

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from sagellm.runtime.engine import LLMEngine
+from sagellm.runtime.errors import TensorParallelError
 from sagellm.runtime.outputs import RequestOutput
 from sagellm.runtime.params import SamplingParams
 
@@ -159,6 +160,8 @@ class AsyncLLMEngine:
                     continue
                 try:
                     outs = self.engine.step()
+                except TensorParallelError:  # a rank is gone: the engine cannot continue
+                    raise
                 except Exception as e:  # a bug in a step: fail what is in flight, keep serving
                     log.exception("engine step failed; aborting %d requests", len(self._streams))
                     self._fail_all(e)

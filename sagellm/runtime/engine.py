@@ -62,80 +62,88 @@ class LLMEngine:
         self.device = config.resolved_device()
         t0 = time.perf_counter()
         self.executor = None
-        if config.tensor_parallel_size > 1:
-            from sagellm.runtime.tp_executor import TPExecutor
+        try:
+            if config.tensor_parallel_size > 1:
+                from sagellm.runtime.tp_executor import TPExecutor
 
-            # Rank 0 of N: starts (or joins) the workers; every rank reads only its slices.
-            self.executor = TPExecutor(config)
-            self.device = self.executor.device
-            ckpt = self.executor.checkpoint
-        else:
-            ckpt = load_checkpoint(
-                config.model,
-                dtype=lambda cfg, fmt: config.resolved_dtype(
-                    DTYPES.get(cfg.torch_dtype), fmt, self.device
-                ),
-                revision=config.revision,
-                trust_remote_code=config.trust_remote_code,
-                progress=config.load_progress,
-                # "auto" keeps a GGUF file's block weights as stored wherever gguf_linear runs
-                # them on this device; a dtype named explicitly asks for dense weights.
-                quantized_on=self.device if config.dtype == "auto" else None,
+                # Rank 0 of N: starts (or joins) the workers; every rank reads only its slices.
+                self.executor = TPExecutor(config)
+                self.device = self.executor.device
+                ckpt = self.executor.checkpoint
+            else:
+                ckpt = load_checkpoint(
+                    config.model,
+                    dtype=lambda cfg, fmt: config.resolved_dtype(
+                        DTYPES.get(cfg.torch_dtype), fmt, self.device
+                    ),
+                    revision=config.revision,
+                    trust_remote_code=config.trust_remote_code,
+                    progress=config.load_progress,
+                    # "auto" keeps a GGUF file's block weights as stored wherever gguf_linear runs
+                    # them on this device; a dtype named explicitly asks for dense weights.
+                    quantized_on=self.device if config.dtype == "auto" else None,
+                )
+            self.model_config, self.tokenizer = ckpt.config, ckpt.tokenizer
+            self.source, self.format, self.dtype = ckpt.source, ckpt.format, ckpt.dtype
+            # stored weight type -> (kernel, tensors): what `sage-llm info` and the load log name
+            self.weight_kernels = ckpt.weight_kernels
+            if self.executor is not None:
+                self.model = self.executor.model
+            else:
+                self.model = build_model(ckpt.config, self.dtype, self.device)
+                # --quantization, or an AWQ / GPTQ checkpoint: the Linears switch to a quantized
+                # weight method before anything is loaded.
+                quantize_for_checkpoint(self.model, config.quantization, ckpt)
+                self.model.load_weights(ckpt.weights.items())
+            self.quantization = getattr(self.model, "quantization", None)
+            if self.quantization:
+                self.weight_kernels = {**self.weight_kernels, **weight_kernels(self.model)}
+                log.info(
+                    "weights quantized at load: %s (%s)", self.quantization, self.weight_kernels
+                )
+            del ckpt  # the weights are in the model now
+            self.load_time_s = time.perf_counter() - t0
+
+            max_pos = self.model_config.max_position
+            self.max_model_len = min(config.max_model_len or max_pos, max_pos)
+            # The KV storage: refused here, with the kernels' reason, if this device cannot run it.
+            self.kv_dtype = config.resolved_kv_dtype(self.dtype)
+            check_kv_cache_support(self.model, self.kv_dtype, self.device)
+            self.kv_cache_dtype = kv_dtype_name(self.kv_dtype)
+            self.attention_kernel = attention_kernel_name(self.device, self.kv_dtype)
+            self._kv_bytes_per_token = kv_bytes_per_token(self.model, self.kv_dtype)
+            bs = config.block_size
+            num_blocks = self._num_blocks()
+            self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
+            self.scheduler = Scheduler(
+                self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
             )
-        self.model_config, self.tokenizer = ckpt.config, ckpt.tokenizer
-        self.source, self.format, self.dtype = ckpt.source, ckpt.format, ckpt.dtype
-        # stored weight type -> (kernel, tensors): what `sage-llm info` and the load log name
-        self.weight_kernels = ckpt.weight_kernels
-        if self.executor is not None:
-            self.model = self.executor.model
-        else:
-            self.model = build_model(ckpt.config, self.dtype, self.device)
-            # --quantization, or an AWQ / GPTQ checkpoint: the Linears switch to a quantized
-            # weight method before anything is loaded.
-            quantize_for_checkpoint(self.model, config.quantization, ckpt)
-            self.model.load_weights(ckpt.weights.items())
-        self.quantization = getattr(self.model, "quantization", None)
-        if self.quantization:
-            self.weight_kernels = {**self.weight_kernels, **weight_kernels(self.model)}
-            log.info("weights quantized at load: %s (%s)", self.quantization, self.weight_kernels)
-        del ckpt  # the weights are in the model now
-        self.load_time_s = time.perf_counter() - t0
-
-        max_pos = self.model_config.max_position
-        self.max_model_len = min(config.max_model_len or max_pos, max_pos)
-        # The KV storage: refused here, with the kernels' reason, if this device cannot run it.
-        self.kv_dtype = config.resolved_kv_dtype(self.dtype)
-        check_kv_cache_support(self.model, self.kv_dtype, self.device)
-        self.kv_cache_dtype = kv_dtype_name(self.kv_dtype)
-        self.attention_kernel = attention_kernel_name(self.device, self.kv_dtype)
-        self._kv_bytes_per_token = kv_bytes_per_token(self.model, self.kv_dtype)
-        bs = config.block_size
-        num_blocks = self._num_blocks()
-        self.block_manager = BlockManager(num_blocks, bs, config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
-        )
-        if self.executor is not None:
-            self.runner = self.executor.make_runner(num_blocks, bs, self.kv_dtype)
-        else:
-            self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.kv_dtype)
-        log.info(
-            "KV cache: %s, %d blocks x %d tokens (%d bytes per token, %.1f MiB); attention: %s",
-            self.kv_cache_dtype,
-            num_blocks,
-            bs,
-            self._kv_bytes_per_token,
-            self.runner.kv_cache_bytes() / 2**20,
-            self.attention_kernel,
-        )
-        self.graph_capture_s = 0.0
-        self.graph_memory_mb = 0.0
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_graphs()
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids)
-        self.counters = EngineCounters()
-        self._requests: dict[str, list[Sequence]] = {}
-        self._ids = itertools.count()
+            if self.executor is not None:
+                self.runner = self.executor.make_runner(num_blocks, bs, self.kv_dtype)
+            else:
+                self.runner = ModelRunner(self.model, num_blocks, bs, self.device, self.kv_dtype)
+            log.info(
+                "KV cache: %s, %d blocks x %d tokens (%d bytes per token, %.1f MiB); attention: %s",
+                self.kv_cache_dtype,
+                num_blocks,
+                bs,
+                self._kv_bytes_per_token,
+                self.runner.kv_cache_bytes() / 2**20,
+                self.attention_kernel,
+            )
+            self.graph_capture_s = 0.0
+            self.graph_memory_mb = 0.0
+            # Not under tensor parallelism: capturing runs the forward (and its collectives) on
+            # rank 0 alone, while the workers wait for a step.
+            if self.device.type == "cuda" and not config.enforce_eager and self.executor is None:
+                self._capture_graphs()
+            self.eos_token_ids = set(self.tokenizer.eos_token_ids)
+            self.counters = EngineCounters()
+            self._requests: dict[str, list[Sequence]] = {}
+            self._ids = itertools.count()
+        except BaseException:
+            self.close()  # a failed start must not leave tensor-parallel workers behind
+            raise
 
     # -- sizing ------------------------------------------------------------------------------
     def _num_blocks(self) -> int:

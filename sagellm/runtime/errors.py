@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank died, hung or failed; the engine cannot continue."""
+
+
 class RequestError(ValueError):
     """A request the engine refuses; `code` is the protocol error code (PROTOCOL.md)."""
 

@@ -43,6 +43,7 @@ from sagellm.models.layers.quant_weights import quantize_for_checkpoint
 from sagellm.models.registry import model_class
 from sagellm.models.sharded_checkpoint import load_sharded_checkpoint
 from sagellm.runtime.config import DTYPES, EngineConfig
+from sagellm.runtime.errors import TensorParallelError
 from sagellm.runtime.model_runner import ModelRunner
 from sagellm.runtime.scheduler import ScheduledBatch
 from sagellm.runtime.step_inputs import StepLayout, stage
@@ -53,10 +54,6 @@ _STOP, _STEP = 0, 1
 _HEADER = 8  # cmd, tokens, rows, width, num_logits, decode_only, i64 size, i32 size
 _IDLE_TIMEOUT = datetime.timedelta(days=365)
 _LOAD_TIMEOUT_S = 3600.0
-
-
-class TensorParallelError(RuntimeError):
-    """A tensor-parallel rank died, hung or failed; the engine cannot continue."""
 
 
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
@@ -190,10 +187,13 @@ class TPExecutor:
         try:
             self.check_workers()
         except TensorParallelError as dead:
-            return TensorParallelError(f"{dead} ({what}: {err})")
+            return TensorParallelError(f"{dead} ({what}: {type(err).__name__})")
+        # The backend's own text names source files and peer addresses: the log gets it, the
+        # error (which reaches API clients) only its type.
+        log.error("%s failed", what, exc_info=err)
         return TensorParallelError(
             f"{what} failed: a tensor-parallel rank did not answer within "
-            f"{self.timeout_s:g} s or failed ({type(err).__name__}: {err})"
+            f"{self.timeout_s:g} s or failed ({type(err).__name__})"
         )
 
     def _wait_ready(self) -> None:

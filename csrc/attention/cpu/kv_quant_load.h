@@ -6,7 +6,7 @@
 // e4m3fn is widened through fp16: its 7 exponent/mantissa bits, shifted left by 7, are an fp16 of
 // the same value times 2^-8 (normals and subnormals alike, since both formats' subnormal ranges
 // line up under that shift), which F16C converts exactly. The 2^8 goes into the scale
-// (kv_load_factor). NaN encodings (0x7f / 0xff) are never written by reshape_and_cache.
+// (kv_load_factor). NaN encodings (0x7f / 0xff) are written by reshape_and_cache only for NaN inputs.
 #pragma once
 
 #include <cstdint>

@@ -2,9 +2,11 @@
 // (quant/int_linear_checks.h); the kernels are in int_linear_kernels.cuh.
 //
 // Paths:
-//   fused (fp16 / bf16, M <= kFusedMaxM, int8 with K % 16 == 0; int4 always): the weight-only
+//   fused (fp16 / bf16, M <= kFusedMaxM, int8 with K % 16 == 0; int4 always; the weight
+//     16-byte aligned, which a fresh tensor always is): the weight-only
 //     tensor-core kernel, weight read once, planned below (rows x K-split so every SM streams).
-//   dequantize + cuBLAS (M > kFusedMaxM, fp32, int8 with K % 16 != 0): the weight is expanded
+//   dequantize + cuBLAS (M > kFusedMaxM, fp32, int8 with K % 16 != 0, a misaligned view): the
+//     weight is expanded
 //     to a dense [N, K] scratch in input's dtype by a kernel, then at::mm into out (+ bias). At
 //     prefill sizes the GEMM's FLOPs dominate the one extra weight pass.
 // fp32 input runs only that second path (cuBLAS fp32: slow, for completeness and tests).
@@ -166,9 +168,10 @@ void dequantize_matmul(at::Tensor& out, const at::Tensor& input, const at::Tenso
     const int threads = 256;
     const int64_t blocks = std::min<int64_t>((total / 4 + threads) / threads, 65535 * 8);
     const int64_t groups = kInt4 ? k / group_size : 0;
-    // Weight rows start 4-byte aligned when row_bytes is (the allocation itself is), 16-byte
-    // aligned when it is a multiple of 16 (weight is contiguous: checked by the entry).
-    const bool vec = row_bytes % 4 == 0;
+    // Vector loads need aligned rows: row_bytes a multiple of the width and the weight's start
+    // aligned (a view at an odd offset of a buffer is not; it takes the byte loop).
+    const auto base = reinterpret_cast<uintptr_t>(weight.data_ptr());
+    const bool vec = row_bytes % 4 == 0 && base % 4 == 0;
     const bool vec16 = row_bytes % 16 == 0 && total / 16 < (int64_t{1} << 31) - threads &&
                        reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dequantize",
@@ -328,8 +331,10 @@ void dispatch(const char* op, at::Tensor& out, const at::Tensor& input, const at
               int64_t group_size, const std::optional<at::Tensor>& bias, int64_t m, int64_t n,
               int64_t k) {
   const uint8_t* z = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  // The fused kernel streams weight rows with 16-byte loads: rows must start 16-byte aligned.
   const bool fused = input.scalar_type() != at::kFloat && m <= kFusedMaxM &&
-                     (kInt4 || k % 16 == 0);
+                     (kInt4 || k % 16 == 0) && weight.size(1) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
   if (!fused) {
     dequantize_matmul<kInt4>(out, input, weight, scales, z, group_size, bias, k);
     return;

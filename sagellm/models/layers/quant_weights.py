@@ -114,13 +114,14 @@ class Int8Weights(_QuantizedRows):
         self._buffer(layer, "scales", (n,), torch.float32)[start : start + len(q)].copy_(s)
 
     def _bind(self, layer: Linear) -> tuple:
-        return (layer.qweight, layer.scales, layer.bias)
+        # The op overload bound once: apply runs ~100 times per decode step.
+        return (torch.ops.sagellm.int8_linear.default, layer.qweight, layer.scales, layer.bias)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        q, s, bias = self._bound or self._bind(layer)
+        op, q, s, bias = self._bound or self._bind(layer)
         x2 = _flat(layer, x)
         out = x2.new_empty((x2.shape[0], q.shape[0]))
-        torch.ops.sagellm.int8_linear(out, x2, q, s, bias)
+        op(out, x2, q, s, bias)
         return out.view(*x.shape[:-1], q.shape[0])
 
     def dequantized(self, layer: Linear) -> torch.Tensor:
@@ -248,15 +249,16 @@ class Int4Weights(_QuantizedRows):
             self.zeros = layer.qzeros
 
     def _bind(self, layer: Linear) -> tuple:
-        return (layer.qweight, layer.scales, self.zeros, self.group_size, layer.bias)
+        op = torch.ops.sagellm.int4_linear.default
+        return (op, layer.qweight, layer.scales, self.zeros, self.group_size, layer.bias)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.weight is not None:
             return dense_matmul(x, layer.weight, layer.bias)
-        q, s, z, g, bias = self._bound or self._bind(layer)
+        op, q, s, z, g, bias = self._bound or self._bind(layer)
         x2 = _flat(layer, x)
         out = x2.new_empty((x2.shape[0], q.shape[0]))
-        torch.ops.sagellm.int4_linear(out, x2, q, s, z, g, bias)
+        op(out, x2, q, s, z, g, bias)
         return out.view(*x.shape[:-1], q.shape[0])
 
     def dequantized(self, layer: Linear) -> torch.Tensor:
