@@ -129,6 +129,9 @@ class TPExecutor:
     def __init__(self, config: EngineConfig, timeout_s: float | None = None):
         size = config.tensor_parallel_size
         self.config, self.size = config, size
+        threads = cpu_threads_per_rank(config)
+        if threads:
+            torch.set_num_threads(threads)
         self.timeout_s = timeout_s or config.distributed_timeout_s
         self.procs: list[mp.Process] = []
         launched = env_launch()
@@ -317,9 +320,20 @@ def worker_main(config: EngineConfig) -> None:
     _serve(config, launched[0], "env://", config.distributed_timeout_s)
 
 
-def _serve(config: EngineConfig, rank: int, init_method: str, timeout_s: float) -> None:
+def cpu_threads_per_rank(config: EngineConfig) -> int | None:
+    """Torch threads for each CPU rank: num_threads when set, else the cores shared out among
+    the ranks of this host (each rank defaulting to every core oversubscribes them N times)."""
     if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+        return config.num_threads
+    if config.device != "cpu" and torch.cuda.is_available():
+        return None
+    return max(1, (os.cpu_count() or 1) // config.tensor_parallel_size)
+
+
+def _serve(config: EngineConfig, rank: int, init_method: str, timeout_s: float) -> None:
+    threads = cpu_threads_per_rank(config)
+    if threads:
+        torch.set_num_threads(threads)
     size = config.tensor_parallel_size
     device = rank_device(config, rank)
     init_distributed(rank, size, device, init_method, timeout_s)
