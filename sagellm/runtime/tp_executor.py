@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import time
 import weakref
 from dataclasses import dataclass
@@ -309,6 +310,9 @@ def _kill(procs: list) -> None:
 
 
 def _spawned_worker(config: EngineConfig, rank: int, init_method: str, timeout_s: float) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: rank 0 alone handles it and stops
+    # the workers (a stop message, then a kill), so a worker must not die mid-collective first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _serve(config, rank, init_method, timeout_s)
 
 
