@@ -22,7 +22,6 @@ first token that differs, averaged over the questions.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -112,9 +111,6 @@ class Scorer:
                 self.nll -= logp.gather(1, target[:, None]).sum().item()
                 self.scored += int(keep.sum())
         return hidden
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
 
 
 def score(engine, model, texts: list[list[int]], prompts: list[list[int]], gen: int) -> dict:
@@ -272,7 +268,6 @@ def run_rows(args) -> tuple[list[dict], list[str]]:
     """Every row: (records, notes). A record has "error" instead of figures when it failed."""
     from sagellm.models.checkpoint import load_checkpoint
     from sagellm.models.registry import model_class
-    from sagellm.runtime.config import EngineConfig
 
     ckpt = load_checkpoint(args.model, dtype=args.dtype, progress=False)
     ids = ckpt.tokenizer.encode(read_text(args.text))[: args.max_tokens]
@@ -300,9 +295,6 @@ def run_rows(args) -> tuple[list[dict], list[str]]:
     del dense_engine
     for kv in args.kv_dtypes:
         if kv == "auto":
-            continue
-        if "kv_cache_dtype" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-            notes.append(f"skipped kv {kv}: EngineConfig has no kv_cache_dtype in this build")
             continue
         try:
             engine = _engine(args, kv, longest)

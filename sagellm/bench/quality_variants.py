@@ -19,13 +19,16 @@ import torch
 
 from sagellm.models.gguf_loader import GGUFWeight
 from sagellm.models.layers.linear import gguf_native_types
-from sagellm.models.layers.quant_weights import apply_quantization
+from sagellm.models.layers.quant_weights import (
+    QUANTIZATIONS,
+    apply_quantization,
+    check_quantization,
+)
 from sagellm.models.registry import build_model
 
 # GGUF types the gguf package can quantize to (it has no K-quant quantizer).
 GGUF_REQUANT = {"Q8_0": 8, "Q5_1": 7, "Q5_0": 6, "Q4_1": 3, "Q4_0": 2}
-QUANT_METHODS = ("int8", "int4", "fp8")
-WEIGHT_FORMATS = ("dense", "file", *GGUF_REQUANT, *QUANT_METHODS)
+WEIGHT_FORMATS = ("dense", "file", *GGUF_REQUANT, *QUANTIZATIONS)
 # Names of dense tables that stay dense in every variant.
 _TABLES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "wpe.weight")
 
@@ -42,14 +45,11 @@ def unavailable(fmt: str, device: torch.device, source_kind: str, model_cls: Any
             return f"{fmt}: gguf_linear has no {device.type} kernel in this build"
         if getattr(model_cls, "transposed_names", None):
             return f"{fmt}: {model_cls.__name__} stores Conv1D weights transposed"
-    if fmt in ("int8", "int4"):
-        op = "int8_linear" if fmt == "int8" else "int4_linear"
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"sagellm::{op}", device.type.upper()
-        ):
-            return f"{fmt}: {op} has no {device.type} kernel in this build"
-    if fmt == "fp8" and device.type != "cuda":
-        return "fp8: torch._scaled_mm runs on CUDA only"
+    if fmt in QUANTIZATIONS:
+        try:
+            check_quantization(fmt, device)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 
@@ -80,7 +80,7 @@ def build_variant(
 ):
     """The model of weight format `fmt`, loaded and ready (see the module docstring)."""
     model = build_model(config, dtype, device)
-    if fmt in QUANT_METHODS:
+    if fmt in QUANTIZATIONS:
         apply_quantization(model, fmt)
     if fmt == "file":
         if file_weights is None:
@@ -88,7 +88,7 @@ def build_variant(
         weights = file_weights
     elif fmt in GGUF_REQUANT:
         weights = requantize_gguf(dense_weights, GGUF_REQUANT[fmt])
-    elif fmt in ("dense", *QUANT_METHODS):
+    elif fmt in ("dense", *QUANTIZATIONS):
         weights = dense_weights
     else:
         raise ValueError(

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from sagellm.control_plane.handle import (
     default_engine_id,
 )
 from sagellm.control_plane.remote_engine import RemoteEngine
+from sagellm.distributed.group import free_port
 from sagellm.protocol import Request
 
 log = logging.getLogger("sagellm.control_plane")
@@ -57,12 +57,6 @@ _SETTINGS_ENV = [
     "MAX_QUEUE",
     "REQUEST_TIMEOUT_S",
 ]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class SubprocessEngine(EngineHandle):

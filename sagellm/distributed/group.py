@@ -29,10 +29,11 @@ DEFAULT_TIMEOUT_S = 60.0
 RENDEZVOUS_TIMEOUT_S = 300.0
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface now (for a single-host rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` (by default the loopback interface) now: for a single-host
+    rendezvous, or the port a spawned engine server listens on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

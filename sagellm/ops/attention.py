@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+# Cache dtypes stored quantized, with one fp32 scale per (slot, KV head) (also ops/cache.py).
+QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
 
 def _window(sliding_window: int | None) -> int:
     return -1 if sliding_window is None else sliding_window
@@ -136,11 +139,8 @@ def _check_fake(
     _check_scales_fake(key_cache, k_scales, v_scales)
 
 
-_QUANT_KV_DTYPES = (torch.int8, torch.float8_e4m3fn)
-
-
 def _check_scales_fake(key_cache, k_scales, v_scales) -> None:
-    quantized = key_cache.dtype in _QUANT_KV_DTYPES
+    quantized = key_cache.dtype in QUANT_KV_DTYPES
     torch._check(
         quantized == (k_scales is not None) and quantized == (v_scales is not None),
         lambda: (

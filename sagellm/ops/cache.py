@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 import sagellm  # noqa: F401  (loads the extension that registers torch.ops.sagellm)
+from sagellm.ops.attention import QUANT_KV_DTYPES
 
 
 def reshape_and_cache(
@@ -73,7 +74,7 @@ def _reshape_and_cache_fake(
         slot_mapping.shape[0] == key.shape[0],
         lambda: f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens",
     )
-    quantized = key_cache.dtype in (torch.int8, torch.float8_e4m3fn)
+    quantized = key_cache.dtype in QUANT_KV_DTYPES
     torch._check(
         quantized == (k_scales is not None) and quantized == (v_scales is not None),
         lambda: (

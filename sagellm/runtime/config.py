@@ -17,7 +17,7 @@ DTYPES = {
 }
 
 # --kv-cache-dtype values other than auto (the model dtype): the cache's storage dtype.
-KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": getattr(torch, "float8_e4m3fn", None)}
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -110,11 +110,6 @@ class EngineConfig:
             raise ValueError("quantization = 'fp8' runs on CUDA only (torch._scaled_mm)")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise bad("kv_cache_dtype", self.kv_cache_dtype, "auto, int8 or fp8_e4m3")
-        if self.kv_cache_dtype != "auto" and KV_CACHE_DTYPES[self.kv_cache_dtype] is None:
-            raise ValueError(
-                f"kv_cache_dtype = {self.kv_cache_dtype!r} needs torch.float8_e4m3fn, which "
-                f"torch {torch.__version__} lacks"
-            )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -22,15 +22,15 @@ from sagellm.models.base import CausalLM
 from sagellm.models.layers.attention import AttentionMetadata, KVCache, QuantizedKVCache
 from sagellm.ops import attention as attn_ops
 from sagellm.ops import cache as cache_ops
+from sagellm.runtime.config import KV_CACHE_DTYPES
 from sagellm.runtime.cuda_graphs import DecodeGraphs
 from sagellm.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from sagellm.runtime.scheduler import ScheduledBatch
 from sagellm.runtime.sequence import Sequence
 from sagellm.runtime.step_inputs import BlockRows, HostBuffers, StagedStep, stage
 
-_FP8 = getattr(torch, "float8_e4m3fn", None)  # absent from old torch builds
-QUANTIZED_KV_DTYPES = tuple(t for t in (torch.int8, _FP8) if t is not None)
-_KV_NAMES = {torch.int8: "int8", _FP8: "fp8_e4m3"}
+QUANTIZED_KV_DTYPES = tuple(KV_CACHE_DTYPES.values())
+_KV_NAMES = {dtype: name for name, dtype in KV_CACHE_DTYPES.items()}
 
 
 def kv_dtype_name(kv_dtype: torch.dtype) -> str:

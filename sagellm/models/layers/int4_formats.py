@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from sagellm.models.errors import CorruptCheckpointError, UnsupportedModelError
+from sagellm.ops.quant import INT4_GROUP_SIZES, pack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-INT4_GROUP_SIZES = (32, 64, 128)
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
@@ -104,11 +104,6 @@ def _nibbles(words: torch.Tensor) -> torch.Tensor:
     return ((words.to(torch.int32).unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
 
 
-def pack_rows(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values 0..15 -> int4_linear's uint8 [N, K / 2] (even k in the low nibble)."""
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
 @dataclass
 class Int4Parts:
     """One Linear (or one shard's rows) in int4_linear's layout."""
@@ -178,7 +173,7 @@ def repack(
             )
         z = z.to(torch.uint8)
     return Int4Parts(
-        pack_rows(q.contiguous()),
+        pack_int4(q.contiguous()),
         scales.t().to(torch.float32).contiguous(),
         z.t().contiguous(),
     )

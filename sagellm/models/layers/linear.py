@@ -16,9 +16,10 @@ holds a range of input columns (`col_slice`) and all-reduces its partial product
 added by rank 0 only. An exact row-parallel layer (`input_sizes`) holds a range of output rows
 instead, all-gathers its input, multiplies over the whole K and all-gathers its outputs: every
 output element is then the same dot product as on one process, which keeps quantized-activation
-kernels (GGUF's int8 activation blocks amplify summation-order differences) bit-identical. A layer narrows each checkpoint tensor to its slice before anything is
-copied (`narrow_weight`); a `LazyWeight` (sagellm.models.sharded_checkpoint) reads only that
-slice from the file. `VocabParallelEmbedding` holds a range of the vocabulary.
+kernels (GGUF's int8 activation blocks amplify summation-order differences) bit-identical. A
+layer narrows each checkpoint tensor to its slice before anything is copied (`narrow_weight`); a
+`LazyWeight` (sagellm.models.sharded_checkpoint) reads only that slice from the file.
+`VocabParallelEmbedding` holds a range of the vocabulary.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class DenseWeights(WeightMethod):
         expected = (size, layer.in_features)
         if tuple(weight.shape) != expected:
             raise ValueError(
-                f"weight for {layer.describe(shard)} has shape {tuple(weight.shape)}, expected {expected}"
+                f"weight for {layer.describe(shard)} has shape {tuple(weight.shape)}, "
+                f"expected {expected}"
             )
         if layer.weight.is_meta:
             layer.weight = nn.Parameter(
@@ -269,8 +271,8 @@ class Linear(DirectCall, nn.Module):
 
     Tensor parallelism (`tp`): `row_slices` maps each shard (None for an unfused layer) to the
     (start, size) of the checkpoint's rows this rank holds (column-parallel; sizes equal the
-    shard sizes); `gather` all-gathers the outputs of a column-parallel layer, whose ranks hold
-    `gather_sizes` outputs each. `col_slice` is the (start, size) of the checkpoint's input
+    shard sizes); `gather_sizes` (the outputs each rank holds) makes a column-parallel layer
+    all-gather its outputs. `col_slice` is the (start, size) of the checkpoint's input
     columns this rank holds (row-parallel, size == in_features): outputs are all-reduced.
     """
 

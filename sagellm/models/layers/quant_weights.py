@@ -25,14 +25,10 @@ import torch
 from torch import nn
 
 from sagellm.models.errors import CorruptCheckpointError, UnsupportedModelError
-from sagellm.models.layers.int4_formats import (
-    INT4_GROUP_SIZES,
-    CheckpointQuant,
-    parse_quant_config,
-    repack,
-)
+from sagellm.models.layers.int4_formats import CheckpointQuant, parse_quant_config, repack
 from sagellm.models.layers.linear import Embedding, Linear, WeightMethod, dense_matmul
 from sagellm.ops import quant as quant_ops
+from sagellm.ops.quant import INT4_GROUP_SIZES
 
 QUANTIZATIONS = ("int8", "int4", "fp8")
 CHECKPOINT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
@@ -265,8 +261,7 @@ class Int4Weights(_QuantizedRows):
         """W as fp32 [N, K]: what the kernel multiplies by."""
         if layer.weight is not None:
             return layer.weight.float()
-        packed = layer.qweight
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        q = quant_ops.unpack_int4(layer.qweight)
         z = self.zeros.float() if self.zeros is not None else torch.full_like(layer.scales, 8.0)
         g = self.group_size
         return (q.float() - z.repeat_interleave(g, 1)) * layer.scales.repeat_interleave(g, 1)
