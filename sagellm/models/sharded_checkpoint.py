@@ -32,6 +32,7 @@ from sagellm.models.gguf_loader import (
     dequantize_raw,
     hf_name,
 )
+from sagellm.models.safetensors_loader import _convert
 
 log = logging.getLogger("sagellm.models")
 
@@ -76,12 +77,10 @@ class TensorWeight(LazyWeight):
     def narrow(self, dim: int, start: int, size: int, what: str = ""):
         _check_range(self.name, self.shape, dim, start, size)
         index = (slice(None),) * dim + (slice(start, start + size),)
-        t = self._source[index]
-        return (t.to(self._dtype) if t.is_floating_point() else t).contiguous()
+        return _convert(self._source[index], self._dtype, self.name).contiguous()
 
     def _scalar(self):
-        t = self._source[...]
-        return t.to(self._dtype) if t.is_floating_point() else t
+        return _convert(self._source[...], self._dtype, self.name)
 
 
 class GGUFTensorWeight(LazyWeight):

@@ -346,10 +346,21 @@ def fp8_linear(
         )
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}; expected [{n}]")
-    xq, x_scale = quantize_fp8_activations(input)
     w_scale = weight_scale.reshape(1, -1).expand(1, n).contiguous()
+    return fp8_linear_prepared(input, weight.t(), w_scale, bias)
+
+
+def fp8_linear_prepared(
+    input: torch.Tensor,
+    weight_t: torch.Tensor,
+    weight_scale_row: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """fp8_linear without its checks, for a layer that prepared its operands once: weight_t is
+    weight.t() ([K, N] view of the e4m3 [N, K] weight), weight_scale_row fp32 [1, N] contiguous."""
+    xq, x_scale = quantize_fp8_activations(input)
     y = torch._scaled_mm(
-        xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16
+        xq, weight_t, scale_a=x_scale, scale_b=weight_scale_row, out_dtype=torch.bfloat16
     ).to(input.dtype)
     if bias is not None:
         y = y + bias.to(input.dtype)

@@ -303,12 +303,15 @@ class Fp8Weights(_QuantizedRows):
         self._buffer(layer, "scales", (n,), torch.float32)[rows].copy_(s.expand(w8.shape[0]))
 
     def _bind(self, layer: Linear) -> tuple:
-        return (layer.qweight, layer.scales, layer.bias)
+        # fp8_linear's operands prepared once (its checks held at load): the weight transposed
+        # for _scaled_mm and the scales as the [1, N] row it takes, not rebuilt on every call.
+        scale_row = layer.scales.reshape(1, -1).contiguous()
+        return (layer.qweight.t(), scale_row, layer.bias, layer.qweight.shape[0])
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        w, s, bias = self._bound or self._bind(layer)
-        out = quant_ops.fp8_linear(_flat(layer, x), w, s, bias)
-        return out.view(*x.shape[:-1], w.shape[0])
+        w_t, s_row, bias, n = self._bound or self._bind(layer)
+        out = quant_ops.fp8_linear_prepared(_flat(layer, x), w_t, s_row, bias)
+        return out.view(*x.shape[:-1], n)
 
     def dequantized(self, layer: Linear) -> torch.Tensor:
         return layer.qweight.float() * layer.scales[:, None]
